@@ -1,0 +1,210 @@
+"""Quantizer checks against independent references (pytest)."""
+import math
+import pytest
+import torch
+import torch.nn as nn
+from kdq_bench.quantizers import (QuantSpec, quantize, dequantize, fake_quant, quantize_model, fake_quant_layers,
+                                  set_quant_enabled, FakeQuantLinear, LSQ, LearnedClip, sqnr, NF4_CODEBOOK,
+                                  FP4_E2M1_CODEBOOK, ALL_WEIGHT_FORMATS, SQNR_FLOORS_GAUSSIAN)
+
+
+def ref_int(w, bits, group, symmetric):
+    "Per-group integer fake quantization written with numpy-style float64 math, then compared in float32."
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        for c in range(0, w.shape[1], group):
+            g = w[r, c:c + group]
+            if symmetric:
+                s = g.abs().max() / qmax
+                s = torch.where(s > 0, s, torch.ones_like(s)); z = torch.zeros(())
+            else:
+                s = (g.max() - g.min()) / (qmax - qmin); z = torch.round(-g.min() / s)
+            out[r, c:c + group] = (torch.clamp(torch.round(g / s) + z, qmin, qmax) - z) * s
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_integer_formats_bit_exact(bits, sym):
+    torch.manual_seed(bits)
+    w = torch.randn(7, 96) * torch.rand(7, 1) * 3
+    for g in (16, 32, 96):
+        spec = QuantSpec('int', bits, 'group', g, sym)
+        assert torch.equal(fake_quant(w, spec), ref_int(w, bits, g, sym))
+        qt = quantize(w, spec)
+        assert int(qt.codes.min()) >= spec.qmin and int(qt.codes.max()) <= spec.qmax
+        assert torch.equal(dequantize(qt), fake_quant(w, spec))
+
+
+def test_short_last_group_and_per_token_activations():
+    torch.manual_seed(0)
+    w = torch.randn(5, 576)
+    a = fake_quant(w, 'int4-g128-asym')
+    assert torch.equal(a[:, 512:], fake_quant(w[:, 512:].contiguous(), 'int4-g64-asym'))
+    assert torch.equal(a[:, :512], fake_quant(w[:, :512].contiguous(), 'int4-g128-asym'))
+    x = torch.randn(2, 3, 64)   # per-token: one scale per (batch, position) row
+    y = fake_quant(x, 'int8-token')
+    assert torch.equal(y.reshape(6, 64), ref_int(x.reshape(6, 64), 8, 64, True))
+
+
+def test_fp8_matches_torch_cast_and_is_nearest_on_the_grid():
+    torch.manual_seed(0)
+    w = torch.randn(64, 64) * 0.05
+    for fmt, dt, fmax in [('e4m3', torch.float8_e4m3fn, 448.), ('e5m2', torch.float8_e5m2, 57344.)]:
+        s = w.abs().max() / fmax
+        y = fake_quant(w, f'fp8-{fmt}')
+        assert torch.equal(y, (w / s).to(dt).float() * s)
+        # independent: the grid is every finite value of the 256 bit patterns; check nearest
+        grid = torch.arange(256, dtype=torch.uint8).view(dt).float()
+        grid = torch.unique(grid[torch.isfinite(grid)])
+        v = (w / s).flatten()
+        nearest_dist = (v[:, None] - grid[None]).abs().min(1).values
+        assert torch.allclose((v - (y / s).flatten()).abs(), nearest_dist, atol=1e-6 * fmax)
+
+
+def test_nf4_is_nearest_codebook_value_times_absmax():
+    torch.manual_seed(0)
+    w = torch.randn(8, 256)
+    y = fake_quant(w, 'nf4-g64').reshape(-1, 64)
+    wg = w.reshape(-1, 64)
+    s = wg.abs().amax(1, keepdim=True)
+    idx = (wg[..., None] / s[..., None] - NF4_CODEBOOK).abs().argmin(-1)
+    assert torch.equal(y, NF4_CODEBOOK[idx] * s)
+    # QLoRA codebook: 16 sorted values in [-1, 1] with an exact 0, asymmetric (8 positive, 7 negative)
+    assert NF4_CODEBOOK[0] == -1 and NF4_CODEBOOK[-1] == 1 and (NF4_CODEBOOK == 0).sum() == 1
+    assert (NF4_CODEBOOK > 0).sum() == 8 and torch.all(NF4_CODEBOOK[1:] > NF4_CODEBOOK[:-1])
+
+
+def _e2m1_ref(v):
+    "Exhaustive nearest E2M1 with ties to the even mantissa (even magnitude indices), saturating at 6."
+    mags = [0., .5, 1., 1.5, 2., 3., 4., 6.]
+    out = []
+    for x in v.tolist():
+        a = min(abs(x), 6.0)
+        d = [abs(a - m) for m in mags]
+        best = min(d)
+        cands = [i for i, di in enumerate(d) if di == best]
+        i = next((c for c in cands if c % 2 == 0), cands[0])
+        out.append(math.copysign(mags[i], x) if mags[i] else 0.0)
+    return torch.tensor(out)
+
+
+def test_mxfp4_and_nvfp4_definitions():
+    torch.manual_seed(4)
+    w = torch.randn(4, 64) * 0.1
+    y = fake_quant(w, 'mxfp4')
+    for r in range(4):
+        for c in range(0, 64, 32):
+            g = w[r, c:c + 32]
+            X = 2.0 ** (math.floor(math.log2(g.abs().max().item())) - 2)
+            assert torch.equal(y[r, c:c + 32], _e2m1_ref(g / X) * X)
+    y = fake_quant(w, 'nvfp4')
+    st = w.abs().max() / (448 * 6)
+    for r in range(4):
+        for c in range(0, 64, 16):
+            g = w[r, c:c + 16]
+            sb = (g.abs().max() / (6 * st)).to(torch.float8_e4m3fn).float()
+            assert torch.equal(y[r, c:c + 16], _e2m1_ref(g / (sb * st)) * (sb * st))
+    # scales: MX scales are powers of two, NVFP4 block scales are exact E4M3 values
+    sc = quantize(w, 'mxfp4').scale
+    assert torch.equal(torch.exp2(torch.log2(sc).round()), sc)
+    bs = quantize(w, 'nvfp4').scale
+    assert torch.equal(bs.to(torch.float8_e4m3fn).float(), bs)
+
+
+@pytest.mark.parametrize("fmt", ALL_WEIGHT_FORMATS)
+def test_distinct_values_idempotence_and_sqnr_floor(fmt):
+    spec = QuantSpec.parse(fmt)
+    torch.manual_seed(0)
+    w = torch.randn(512, 2048)
+    y = fake_quant(w, fmt)
+    g = spec.group_size or (w.shape[1] if spec.granularity == 'channel' else w.numel())
+    groups = y.reshape(-1, g)[:64]
+    assert max(len(torch.unique(row)) for row in groups) <= 2 ** spec.bits
+    c1, c2 = quantize(w, fmt).codes, quantize(y, fmt).codes
+    if spec.kind == 'fp8': c1, c2 = c1.view(torch.uint8), c2.view(torch.uint8)
+    assert torch.equal(c1, c2)
+    assert sqnr(w, y) > SQNR_FLOORS_GAUSSIAN[fmt]
+
+
+def test_string_grammar_and_errors():
+    for s in ['int4-g128', 'int4-g128-asym', 'int8', 'int3-g64', 'int2-g64-asym', 'nf4-g64', 'fp8-e4m3',
+              'fp8-e5m2', 'fp8-e4m3-ch', 'mxfp4', 'nvfp4', 'int8-token', 'fp8-e4m3-token', 'int4-tensor']:
+        assert str(QuantSpec.parse(s)) == s and QuantSpec.parse(str(QuantSpec.parse(s))) == QuantSpec.parse(s)
+    for bad in ['int1', 'int9-g128', 'int4-g', 'float4', 'nf3', 'int4-g128-sym']:
+        with pytest.raises(ValueError, match='expected one of'): QuantSpec.parse(bad)
+    with pytest.raises(ValueError, match='NaN or Inf'): fake_quant(torch.tensor([[0.1, float('nan')]]), 'int4')
+    with pytest.raises(ValueError, match='NaN or Inf'): quantize(torch.tensor([[0.1, float('-inf')]]), 'nvfp4')
+    with pytest.raises(ValueError, match='clip'): fake_quant(torch.ones(2, 2), 'int4', clip=1.5)
+    with pytest.raises(ValueError, match='no nn.Linear'): quantize_model(nn.Sequential(nn.ReLU()), 'int4')
+
+
+def test_ste_gradients():
+    torch.manual_seed(0)
+    for fmt in ['int4-g32', 'nf4-g32', 'nvfp4', 'mxfp4', 'fp8-e4m3']:
+        x = torch.randn(4, 64, requires_grad=True)
+        g = torch.randn(4, 64)
+        (fake_quant(x, fmt) * g).sum().backward()
+        assert torch.equal(x.grad, g)
+    x = torch.randn(4, 64, requires_grad=True)
+    fake_quant(x, 'int4-g32', ste='clipped', clip=0.6).sum().backward()
+    amax = x.detach().reshape(4, 2, 32).abs().amax(-1, keepdim=True) * 0.6
+    s = amax / 7
+    v = x.detach().reshape(4, 2, 32)
+    inside = ((v >= -8 * s) & (v <= 7 * s)).float().reshape(4, 64)
+    assert torch.equal(x.grad, inside) and 0 < inside.mean() < 1
+
+
+def test_lsq_gradient_matches_paper_and_learned_clip_trains():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    q = LSQ('int3-g32', w)
+    assert torch.equal(q(w).detach(), fake_quant(w, 'int3-g32'))
+    with torch.no_grad(): q.step.mul_(0.6)
+    q(w).sum().backward()
+    v = w.reshape(8, 2, 32) / q.step.detach()
+    ref = torch.where(v <= -4, torch.full_like(v, -4.), torch.where(v >= 3, torch.full_like(v, 3.), v.round() - v))
+    assert torch.allclose(q.step.grad, ref.sum(-1, keepdim=True) / math.sqrt(32 * 3), atol=1e-5)
+    # learned clipping lowers the weight-reconstruction error at 2 bits from its unclipped start
+    c = LearnedClip('int2-g32-asym', w)
+    opt = torch.optim.Adam(c.parameters(), lr=0.02)
+    start = (c(w) - w).pow(2).mean().item()
+    for _ in range(40):
+        opt.zero_grad(); loss = (c(w) - w).pow(2).mean(); loss.backward(); opt.step()
+    assert loss.item() < start * 0.95
+
+
+def test_quantize_model_on_llama_keeps_masters_and_trains():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(cfg)
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    quantize_model(lm, 'int4-g16', acts='int8-token', ignore=('lm_head', '*.layers.1.mlp.*'))
+    names = set(fake_quant_layers(lm))
+    assert len(names) == 7 + 4 and not any('layers.1.mlp' in n for n in names)
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items() if k in before)
+    lin = lm.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    assert torch.allclose(lin(x), torch.nn.functional.linear(fake_quant(x, 'int8-token'), fake_quant(lin.weight, 'int4-g16')))
+    ids = torch.randint(0, 64, (2, 8))
+    out = lm(ids, labels=ids)
+    out.loss.backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    set_quant_enabled(lm, False)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight))
+    quantize_model(lm, 'int8')   # idempotent: already-swapped layers are left alone
+    assert set(fake_quant_layers(lm)) - names == {'model.layers.1.mlp.gate_proj', 'model.layers.1.mlp.up_proj',
+                                                   'model.layers.1.mlp.down_proj'}
+
+
+def test_compiled_path_matches_eager():
+    torch.manual_seed(0)
+    w = torch.randn(256, 512, requires_grad=True)
+    a = fake_quant(w, 'int4-g128', compiled=True)
+    b = fake_quant(w, 'int4-g128')
+    assert torch.allclose(a, b, atol=1e-6)
+    a.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
