@@ -17,9 +17,10 @@ from .quantizers import QuantSpec, quantize, dequantize, fake_quant, WeightQuant
 from .hooks import pair_key
 
 # %% auto #0
-__all__ = ['DIVERGENCES', 'FEATURE_LOSSES', 'PHASES', 'auto_chunk', 'row_losses', 'TopKLogits', 'teacher_confidence',
-           'distill_loss', 'shift_targets', 'causal_lm_loss', 'feature_loss', 'grid_step', 'layer_quant_error',
-           'quant_penalty', 'soft_target_entropy', 'check_soft_targets', 'entropy_sweep', 'LossSchedule', 'JointLoss']
+__all__ = ['DIVERGENCES', 'FEATURE_LOSSES', 'PHASES', 'auto_chunk', 'row_losses', 'tail_logsumexp', 'TopKLogits',
+           'teacher_confidence', 'distill_loss', 'shift_targets', 'causal_lm_loss', 'feature_loss', 'grid_step',
+           'layer_quant_error', 'quant_penalty', 'soft_target_entropy', 'check_soft_targets', 'entropy_sweep',
+           'LossSchedule', 'JointLoss']
 
 # %% ../nbs/06_losses.ipynb #7581bac1
 def _compute_dtype(t:torch.Tensor) -> torch.dtype:
@@ -101,26 +102,38 @@ def row_losses(fn, # fn(student_rows_float, *other_rows) -> per-row loss [n] (or
             out[r] = l
     return out if weights is None else (out, parts)
 
-# %% ../nbs/06_losses.ipynb #de07c55a
+# %% ../nbs/06_losses.ipynb #9fe0f1a8
+def tail_logsumexp(logits:torch.Tensor, # [..., V] teacher logits (any constant shift, the same as the top-k values')
+                   indices:torch.Tensor, # [..., k] the top-k indices, k < V
+                   tau:float, # temperature
+                  ) -> torch.Tensor:
+    "log Σ_{j ∉ indices} exp(z_j/τ) per position: the log of the teacher's tempered mass outside its top-k (unnormalized)."
+    if indices.shape[-1] >= logits.shape[-1]: raise ValueError("the top-k covers the whole vocabulary: there is no tail")
+    return torch.logsumexp((logits.detach().float() / tau).scatter(-1, indices, float('-inf')), -1)
+
 class TopKLogits(NamedTuple):
-    "The teacher's k largest logits per position (raw, τ=1) and their vocabulary indices."
+    "The teacher's k largest logits per position (raw, τ=1), their vocabulary indices, and optionally the tempered tail mass."
     values: torch.Tensor   # [..., k] float logits
     indices: torch.Tensor  # [..., k] int64 token ids
+    tail: torch.Tensor|None = None  # [...] `tail_logsumexp` at temperature `tau` (same shift as `values`); None: no tail kept
+    tau: float|None = None  # the temperature `tail` belongs to
 
     @classmethod
     def from_logits(cls, logits:torch.Tensor, # [..., V] teacher logits
                     k:int, # how many to keep per position
+                    tau:float|None=None, # also keep the tail mass at this temperature (None: no tail; ignored when k = V)
                    ) -> TopKLogits:
-        "Top-k of full teacher logits."
+        "Top-k of full teacher logits (with the tail at `tau` if given)."
         if not 1 <= k <= logits.shape[-1]: raise ValueError(f"k must be in 1..{logits.shape[-1]}, got {k}")
         v, i = logits.detach().topk(k, dim=-1)
-        return cls(v, i)
+        if tau is None or k == logits.shape[-1]: return cls(v, i)
+        return cls(v, i, tail_logsumexp(logits, i, tau), float(tau))
 
     def to(self, device) -> TopKLogits:
-        "Both tensors on `device`."
-        return TopKLogits(self.values.to(device), self.indices.to(device))
+        "Every tensor on `device`."
+        return TopKLogits(self.values.to(device), self.indices.to(device), None if self.tail is None else self.tail.to(device), self.tau)
 
-# %% ../nbs/06_losses.ipynb #114ac5c3
+# %% ../nbs/06_losses.ipynb #5737bad0
 DIVERGENCES = ('forward_kl', 'reverse_kl', 'js', 'cakld')
 _NEG = -1e30   # stands for log(0) without creating NaN in 0·log 0 products
 
@@ -136,6 +149,14 @@ def _divergence_fn(kind:str, tau:float, beta:float|None):
     "Per-row divergence fn(student_rows, teacher_rows, topk_indices_or_None)."
     def fn(x, t, idx):
         ls = F.log_softmax(x / tau, -1)
+        if idx is not None and t.shape[-1] == idx.shape[-1] + 1:   # top-k plus the tail bucket: exact over k + 1 buckets
+            k = idx.shape[-1]
+            lt = F.log_softmax(torch.cat([t[:, :k].to(x.dtype) / tau, t[:, k:].to(x.dtype)], -1), -1).clamp_min(_NEG)
+            rest = torch.logsumexp(ls.scatter(-1, idx, float('-inf')), -1, keepdim=True)   # the student's mass elsewhere
+            lb = torch.cat([ls.gather(-1, idx), rest], -1)
+            div = {'forward_kl': lambda: _kl_rows(lt, lb), 'reverse_kl': lambda: _kl_rows(lb, lt), 'js': lambda: _js_rows(lb, lt),
+                   'cakld': lambda: beta * _kl_rows(lb, lt) + (1 - beta) * _kl_rows(lt, lb)}
+            return div[kind]()
         lt = F.log_softmax(t.to(x.dtype) / tau, -1).clamp_min(_NEG)
         if idx is None:
             fwd = (lambda: _kl_rows(lt, ls))
@@ -151,7 +172,7 @@ def _divergence_fn(kind:str, tau:float, beta:float|None):
         return beta * rev() + (1 - beta) * fwd()
     return fn
 
-# %% ../nbs/06_losses.ipynb #c41188fb
+# %% ../nbs/06_losses.ipynb #7eb615e0
 def _flatten_inputs(s_logits, t_logits, mask, labels):
     "Student rows [N, V], teacher rows, top-k indices (or None), valid mask [N], labels [N] (or None)."
     if not isinstance(s_logits, torch.Tensor) or s_logits.dim() < 2:
@@ -167,10 +188,13 @@ def _flatten_inputs(s_logits, t_logits, mask, labels):
 def _teacher_rows(t_logits, lead, mask, labels):
     "Teacher rows, top-k indices (or None), valid mask [N] and labels [N] (or None), flattened over `lead`."
     if isinstance(t_logits, TopKLogits):
-        tv, idx = t_logits
+        tv, idx = t_logits.values, t_logits.indices
         if tv.shape != idx.shape or (lead is not None and tv.shape[:-1] != lead):
             raise ValueError(f"top-k teacher values {tuple(tv.shape)} and indices {tuple(idx.shape)} must be [..., k]"
                              + ("" if lead is None else f" with leading shape {tuple(lead)}"))
+        if t_logits.tail is not None:   # carried as one more column; the divergence sees k + 1 teacher columns
+            if t_logits.tail.shape != tv.shape[:-1]: raise ValueError(f"top-k tail {tuple(t_logits.tail.shape)} must be [...] = {tuple(tv.shape[:-1])}")
+            tv = torch.cat([tv, t_logits.tail.unsqueeze(-1).to(tv.dtype)], -1)
         tv, idx, lead = tv.detach().reshape(-1, tv.shape[-1]), idx.reshape(-1, idx.shape[-1]).long(), tv.shape[:-1]
     elif isinstance(t_logits, torch.Tensor) and t_logits.dim() >= 2:
         if lead is not None and t_logits.shape[:-1] != lead:
@@ -198,7 +222,8 @@ def teacher_confidence(t_logits:torch.Tensor|TopKLogits, # teacher logits [..., 
     chunk = auto_chunk(tv.shape[-1]) if chunk_size is None else chunk_size
     with torch.no_grad():
         for r in _row_chunks(valid, chunk):
-            lp = F.log_softmax(tv[r].to(_compute_dtype(tv)), -1)
+            t_r = tv[r] if idx is None else tv[r][:, :idx.shape[-1]]   # a tail column (at the distillation τ) is left out
+            lp = F.log_softmax(t_r.to(_compute_dtype(tv)), -1)
             if lab is None: p = lp.max(-1).values.exp()
             elif idx is None: p = lp.gather(-1, lab[r].unsqueeze(-1)).squeeze(-1).exp()
             else: p = (lp.exp() * (idx[r] == lab[r].unsqueeze(-1))).sum(-1)
@@ -206,7 +231,7 @@ def teacher_confidence(t_logits:torch.Tensor|TopKLogits, # teacher logits [..., 
     if n == 0: raise ValueError("no valid position to compute the teacher's confidence from")
     return tot / n
 
-# %% ../nbs/06_losses.ipynb #930247e2
+# %% ../nbs/06_losses.ipynb #321fcda5
 def distill_loss(s_logits:torch.Tensor, # student logits [..., V]
                  t_logits:torch.Tensor|TopKLogits, # teacher logits [..., V], or its cached top-k
                  kind:str='forward_kl', # 'forward_kl', 'reverse_kl', 'js' or 'cakld'
@@ -222,6 +247,8 @@ def distill_loss(s_logits:torch.Tensor, # student logits [..., V]
     if kind not in DIVERGENCES: raise ValueError(f"unknown divergence {kind!r}; expected one of {DIVERGENCES}")
     if not tau > 0: raise ValueError(f"temperature must be positive, got {tau}")
     if reduction not in ('mean', 'sum', 'none'): raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if isinstance(t_logits, TopKLogits) and t_logits.tail is not None and not math.isclose(t_logits.tau, tau):
+        raise ValueError(f"the top-k tail was computed at tau={t_logits.tau}, the loss uses tau={tau}; cache the teacher at the loss's temperature")
     s, tv, idx, valid, lab = _flatten_inputs(s_logits, t_logits, mask, labels)
     if kind == 'cakld':
         if beta is None: beta = teacher_confidence(t_logits, labels, mask, chunk_size) if bool(valid.any()) else 0.0

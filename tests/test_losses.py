@@ -549,3 +549,36 @@ def test_joint_loss_no_teacher_topk_and_observe(pair_models):
     with pytest.raises(ValueError, match='not captured'):
         JointLoss(sch, feature_pairs=[('a', 'b')], feature_weight=1.0)(50, s_logits, ids, t_logits, s_feats={}, t_feats={})
     with pytest.raises(ValueError, match='expected one of'): JointLoss(sch, 'kl')
+
+
+def _buckets(logits, idx, tau):
+    "Full tempered softmax collapsed onto the top-k tokens plus one 'rest' bucket (float64)."
+    p = torch.softmax(logits.double() / tau, -1)
+    pk = p.gather(-1, idx)
+    return torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], -1)
+
+
+@pytest.mark.parametrize("k", [1, 5, 63])
+def test_topk_with_tail_is_exact_over_buckets(k):
+    torch.manual_seed(k)
+    S, T = torch.randn(3, 7, 64) * 2, torch.randn(3, 7, 64) * 2
+    tk = TopKLogits.from_logits(T, k, tau=3.0)
+    pt, ps = _buckets(T, tk.indices, 3.0), _buckets(S, tk.indices, 3.0)
+    kl = lambda p, q: (p * (p.log() - q.log())).sum(-1)
+    m = (pt + ps) / 2
+    ref = {'forward_kl': kl(pt, ps), 'reverse_kl': kl(ps, pt), 'js': 0.5 * kl(ps, m) + 0.5 * kl(pt, m),
+           'cakld': 0.25 * kl(ps, pt) + 0.75 * kl(pt, ps)}
+    for kind in DIVERGENCES:
+        got = distill_loss(S, tk, kind, 3.0, beta=0.25)
+        assert torch.allclose(got.double(), 9 * ref[kind].mean(), rtol=1e-4, atol=1e-6), kind
+
+
+def test_topk_tail_shift_invariant_and_tau_checked():
+    torch.manual_seed(0)
+    S, T = torch.randn(2, 5, 40), torch.randn(2, 5, 40) * 3
+    a = TopKLogits.from_logits(T, 6, tau=2.0)
+    b = TopKLogits.from_logits(T + 7.5, 6, tau=2.0)                # a constant shift of the logits changes nothing
+    assert torch.allclose(distill_loss(S, a, tau=2.0), distill_loss(S, b, tau=2.0), atol=1e-5)
+    with pytest.raises(ValueError, match='tau=2.0'): distill_loss(S, a, tau=1.0)
+    no_tail = TopKLogits.from_logits(T, 6)                        # the renormalized top-k differs from the bucketed one
+    assert not torch.allclose(distill_loss(S, no_tail, tau=2.0), distill_loss(S, a, tau=2.0))

@@ -128,6 +128,21 @@ def test_teacher_cache_stores_topk_and_persists(teacher, tokens, tmp_path):
     assert TeacherCache.for_teacher(teacher, tokens, 32, 6, root=tmp_path).path != c.path
     with pytest.raises(ValueError, match='top-k'): TeacherCache.for_teacher(teacher, tokens, 32, V + 1, root=tmp_path)
 
+def test_teacher_cache_tail_matches_full_logits(teacher, tokens, tmp_path):
+    "The cached tail is the log of the tempered mass outside the top-k, in the frame of the shifted top-k values."
+    cache = TeacherCache.for_teacher(teacher, tokens, 32, k=8, root=tmp_path, tau=2.0)
+    ids = np.array([0, 5])
+    cache.fill(teacher, tokens, ids)
+    with torch.no_grad(): z = teacher(windows(tokens, ids, 32)).logits.float()
+    got = cache.get(ids)
+    v, ix = z.topk(8, -1)
+    p = torch.softmax(z.double() / 2.0, -1)
+    rest = 1 - p.gather(-1, ix).sum(-1)                                      # tail mass from the full softmax
+    bucket = torch.cat([got.values.double() / 2.0, got.tail.double().unsqueeze(-1)], -1).softmax(-1)[..., -1]
+    assert torch.allclose(bucket, rest, atol=2e-4) and got.tau == 2.0
+    assert TeacherCache.for_teacher(teacher, tokens, 32, k=8, root=tmp_path, tau=4.0).path != cache.path
+
+
 def test_cached_full_vocab_equals_live_teacher(teacher, tokens, tmp_path, monkeypatch):
     monkeypatch.setenv('KDQ_BENCH_CACHE', str(tmp_path))
     live = fit(cfg(**{'training.steps': 5}), teacher, tokens)

@@ -1,0 +1,152 @@
+"""The comparison study end to end on a tiny teacher: `kdq-bench compare` through papermill, the report checked against
+a direct evaluation of the saved artifacts, resume, refusal, interruption, and the summary statistics."""
+import json, math, os, statistics
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+import kdq_bench.benchmarks as B
+from kdq_bench.benchmarks import StudyConfig, run_study, summary, markdown_table
+from kdq_bench.cli import main
+from kdq_bench.data import tokenize_split
+from kdq_bench.evaluate import perplexity
+from kdq_bench.export import load_quantized
+from kdq_bench.models import TeacherRecipe, embedded_teacher, load_teacher
+from kdq_bench.quantizers import QuantSpec, fake_quant_layers
+
+TINY = TeacherRecipe(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, seq_len=32,
+                     batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_every=10, eval_tokens=1024, patience=2)
+ARGS = ['--corpus', 'shakespeare', '--weights', 'int3-g128', '--steps', '8', '--batch-size', '4', '--seq-len', '32',
+        '--lr', '1e-3', '--tau', '2', '--seeds', '2', '--eval-tokens', '2048', '--eval-seq-len', '32', '--calib-samples', '8',
+        '--adapt-steps', '20', '--latency-runs', '1', '--threads', '1']
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("KDQ_BENCH_CACHE")
+    os.environ["KDQ_BENCH_CACHE"] = str(d)
+    yield d
+    if old is None: os.environ.pop("KDQ_BENCH_CACHE", None)
+    else: os.environ["KDQ_BENCH_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(cache):
+    return embedded_teacher(TINY, progress=False).path
+
+
+@pytest.fixture(scope="module")
+def study(teacher_dir, tmp_path_factory):
+    "One study through the console entry point and papermill (about a minute)."
+    out = tmp_path_factory.mktemp("study") / "run"
+    assert main(['compare', '--teacher', str(teacher_dir), *ARGS, '--out', str(out)]) == 0
+    return out, json.loads((out / 'metrics.json').read_text())
+
+
+def test_study_files_and_rows(study):
+    out, m = study
+    names = {p.name for p in out.iterdir()}
+    assert {'metrics.json', 'table.md', 'report.html', 'compare.ipynb'} <= names
+    got = [(r['method'], r['weights'], r['seed']) for r in m['rows']]
+    assert got == [('fp', 'fp32', None), ('rtn', 'int8', None), ('rtn', 'int3-g128', None), ('gptq', 'int3-g128', None),
+                   ('awq', 'int3-g128', None), ('fp-control', 'fp32', 0), ('qat', 'int3-g128', 0), ('kd+qat', 'int3-g128', 0),
+                   ('fp-control', 'fp32', 1), ('qat', 'int3-g128', 1), ('kd+qat', 'int3-g128', 1)]
+    for r in m['rows']:
+        for k in ('method', 'weights', 'acts', 'ppl', 'delta_pct', 'size_bytes', 'seconds', 'eval_tokens'): assert k in r, k
+    assert m['teacher']['adaptation']['steps_run'] >= 10 and m['corpus'] == 'shakespeare'
+    assert m['versions']['torch'] == torch.__version__ and m['params']['seeds'] == [0, 1]
+    # the KD+QAT artifacts are named with 'kd' and load with the export module
+    kd = [r['artifact'] for r in m['rows'] if r['method'] == 'kd+qat']
+    assert kd == ['kdqat-int3-g128-seed0', 'kdqat-int3-g128-seed1']
+    # the executed notebook holds the injected parameters and the results table
+    nb = nbformat.read(out / 'compare.ipynb', as_version=4)
+    assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
+    assert any('KD+QAT' in json.dumps(c.get('outputs', [])) for c in nb.cells if c.cell_type == 'code')
+    assert 'KD+QAT' in (out / 'table.md').read_text() and 'plotly' in (out / 'report.html').read_text()
+
+
+def test_report_matches_artifacts(study, teacher_dir):
+    out, m = study
+    tok = load_teacher(m['teacher']['path']).tokenizer
+    test = tokenize_split('shakespeare', 'test', tok)
+    fp = m['rows'][0]
+    assert fp['method'] == 'fp' and fp['delta_pct'] == 0
+    adapted = load_teacher(m['teacher']['path']).model
+    assert math.isclose(perplexity(adapted, test, seq_len=32, max_tokens=2048, progress=False).ppl, fp['ppl'], rel_tol=1e-6)
+    for r in m['rows']:
+        assert math.isclose(r['delta_pct'], 100 * (r['ppl'] / fp['ppl'] - 1), rel_tol=1e-9, abs_tol=1e-9)
+        if not r.get('artifact'): continue
+        model = load_quantized(out / r['artifact'])
+        layers = [mod for mod in model.modules() if type(mod).__name__ == 'PackedLinear']
+        assert layers and all(str(l.spec) == r['weights'] for l in layers)
+        direct = perplexity(model, test, seq_len=32, max_tokens=2048, progress=False)
+        assert math.isclose(direct.ppl, r['ppl'], rel_tol=1e-6) and direct.n_tokens == r['eval_tokens']
+        size = sum(f.stat().st_size for f in (out / r['artifact']).rglob('*') if f.is_file())
+        assert size == r['size_bytes'] and math.isclose(r['compression'], fp['size_bytes'] / size)
+
+
+def test_training_curves_and_teacher_untouched(study):
+    out, m = study
+    for r in m['rows']:
+        if r['method'] not in ('fp-control', 'qat', 'kd+qat'): continue
+        h = [json.loads(l) for l in (out / r['curves']).read_text().splitlines()]
+        assert [x['step'] for x in h] == list(range(1, 9))
+        assert r['teacher_hash_unchanged'] is True
+        if r['method'] == 'kd+qat': assert all(x['distill'] > 0 and x['quant'] >= 0 for x in h)
+        assert not list((out / r['curves']).parent.glob('checkpoints/*'))   # checkpoints removed once the artifact exists
+
+
+def test_summary_mean_and_spread(study):
+    out, m = study
+    s = {(x['method'], x['weights']): x for x in summary(m['rows'])}
+    kd = [r['ppl'] for r in m['rows'] if r['method'] == 'kd+qat']
+    assert math.isclose(s[('kd+qat', 'int3-g128')]['ppl'], sum(kd) / 2)
+    assert math.isclose(s[('kd+qat', 'int3-g128')]['ppl_sd'], abs(kd[0] - kd[1]) / math.sqrt(2))
+    assert s[('kd+qat', 'int3-g128')]['seeds'] == 2 and s[('rtn', 'int3-g128')]['seeds'] == 0
+    assert f"{s[('kd+qat', 'int3-g128')]['ppl']:.3f} ± {s[('kd+qat', 'int3-g128')]['ppl_sd']:.3f}" in markdown_table(m)
+
+
+def test_resume_refuse_and_overwrite(study, teacher_dir):
+    out, m = study
+    before = (out / 'metrics.json').read_text()
+    assert main(['compare', '--teacher', str(teacher_dir), *ARGS, '--out', str(out)]) == 0     # everything done: nothing redone
+    assert json.loads((out / 'metrics.json').read_text())['rows'] == json.loads(before)['rows']
+    other = [a if a != '8' else '9' for a in ARGS]
+    assert main(['compare', '--teacher', str(teacher_dir), *other, '--out', str(out)]) == 2     # other parameters: refused
+    assert (out / 'metrics.json').read_text() != '' and json.loads((out / 'metrics.json').read_text())['params']['steps'] == 8
+
+
+def test_bad_input_fails_before_any_work(tmp_path, capsys):
+    for args, msg in ((['--methods', 'rtn,bogus'], 'unknown method'), (['--weights', 'int8-token'], 'activation format'),
+                      (['--eval-tokens', '100'], 'too few'), (['--weights', 'int4-gq'], 'expected one of')):
+        assert main(['compare', '--teacher', 'embedded', '--out', str(tmp_path / 'x'), *args]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / 'x').exists()
+
+
+def test_interrupted_study_keeps_whole_rows(teacher_dir, tmp_path, monkeypatch):
+    "A study stopped in the middle of a trained row reports only whole rows and finishes on the next call."
+    cfg = StudyConfig(teacher=str(teacher_dir), corpus='shakespeare', weights=['int3-g128'], methods=['rtn', 'qat', 'kd+qat'],
+                      steps=6, batch_size=4, seq_len=32, lr=1e-3, tau=2.0, out=str(tmp_path / 's'), eval_tokens=2048,
+                      eval_seq_len=32, adapt_steps=0, latency_runs=1)
+    real = B.trained_row
+    def boom(cfg, teacher, r, *a, **k):
+        if r['method'] == 'kd+qat': raise KeyboardInterrupt
+        return real(cfg, teacher, r, *a, **k)
+    monkeypatch.setattr(B, 'trained_row', boom)
+    with pytest.raises(KeyboardInterrupt): run_study(cfg, progress=False)
+    rows = json.loads((tmp_path / 's' / 'metrics.json').read_text())['rows']
+    assert [r['method'] for r in rows] == ['fp', 'rtn', 'rtn', 'qat'] and all('ppl' in r for r in rows)
+    monkeypatch.setattr(B, 'trained_row', real)
+    m = run_study(cfg, progress=False)
+    assert [r['method'] for r in m['rows']] == ['fp', 'rtn', 'rtn', 'qat', 'kd+qat']
+    assert m['rows'][:4] == rows
+
+
+def test_unsupported_pairs_are_listed(teacher_dir):
+    rows, skipped = B.plan_rows(StudyConfig(weights=['nvfp4'], methods=['gptq', 'awq', 'rtn']).validate())
+    assert [(r['method'], r['weights']) for r in rows] == [('fp', 'fp32'), ('rtn', 'int8'), ('rtn', 'nvfp4')]
+    assert len(skipped) == 2 and all('integer formats' in s for s in skipped)
