@@ -133,7 +133,7 @@ class TopKLogits(NamedTuple):
         "Every tensor on `device`."
         return TopKLogits(self.values.to(device), self.indices.to(device), None if self.tail is None else self.tail.to(device), self.tau)
 
-# %% ../nbs/06_losses.ipynb #5737bad0
+# %% ../nbs/06_losses.ipynb #ad68ba11
 DIVERGENCES = ('forward_kl', 'reverse_kl', 'js', 'cakld')
 _NEG = -1e30   # stands for log(0) without creating NaN in 0·log 0 products
 
@@ -152,8 +152,10 @@ def _divergence_fn(kind:str, tau:float, beta:float|None):
         if idx is not None and t.shape[-1] == idx.shape[-1] + 1:   # top-k plus the tail bucket: exact over k + 1 buckets
             k = idx.shape[-1]
             lt = F.log_softmax(torch.cat([t[:, :k].to(x.dtype) / tau, t[:, k:].to(x.dtype)], -1), -1).clamp_min(_NEG)
-            rest = torch.logsumexp(ls.scatter(-1, idx, float('-inf')), -1, keepdim=True)   # the student's mass elsewhere
-            lb = torch.cat([ls.gather(-1, idx), rest], -1)
+            lk = ls.gather(-1, idx)
+            # the student's mass elsewhere, 1 - Σ_top-k p_S, from the k gathered values: no second pass over the vocabulary
+            rest = torch.log((-torch.expm1(torch.logsumexp(lk, -1, keepdim=True))).clamp_min(1e-30))
+            lb = torch.cat([lk, rest], -1)
             div = {'forward_kl': lambda: _kl_rows(lt, lb), 'reverse_kl': lambda: _kl_rows(lb, lt), 'js': lambda: _js_rows(lb, lt),
                    'cakld': lambda: beta * _kl_rows(lb, lt) + (1 - beta) * _kl_rows(lt, lb)}
             return div[kind]()

@@ -20,7 +20,7 @@ TINY = TeacherRecipe(vocab_size=300, hidden_size=32, intermediate_size=64, num_l
                      batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_every=10, eval_tokens=1024, patience=2)
 ARGS = ['--corpus', 'shakespeare', '--weights', 'int3-g128', '--steps', '8', '--batch-size', '4', '--seq-len', '32',
         '--lr', '1e-3', '--tau', '2', '--seeds', '2', '--eval-tokens', '2048', '--eval-seq-len', '32', '--calib-samples', '8',
-        '--adapt-steps', '20', '--latency-runs', '1', '--threads', '1']
+        '--adapt-steps', '20', '--adapt-lr', '1e-3', '--latency-runs', '1', '--threads', '1']
 
 
 @pytest.fixture(scope="module")
