@@ -543,7 +543,7 @@ def test_joint_loss_no_teacher_topk_and_observe(pair_models):
     assert sch._ratio_n == 0
     tk = TopKLogits.from_logits(t_logits, 61)
     o1, o2 = joint(50, s_logits, ids, tk), joint(50, s_logits, ids, t_logits)
-    assert o1['distill'].item() == pytest.approx(o2['distill'].item(), rel=1e-5)
+    assert o1['distill'].item() == pytest.approx(o2['distill'].item(), rel=1e-5, abs=1e-6)   # float32 KL of ~0.01 from log-probs of ~4
     assert sch._ratio_n == 2                          # training mode: every call is observed
     joint.eval(); joint(50, s_logits, ids, t_logits); assert sch._ratio_n == 2
     with pytest.raises(ValueError, match='not captured'):
