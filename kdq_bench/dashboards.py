@@ -21,26 +21,18 @@ from .models import Teacher
 from .hooks import ActivationStats, resolve_names
 from .losses import soft_target_entropy, check_soft_targets, entropy_sweep
 from .ptq import smooth_scales
+from .benchmarks import static_bundle, show_static   # owned by benchmarks: studies and reports show figures too
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DASHBOARD_FORMATS', 'TAUS', 'MONITOR_KEYS', 'static_bundle', 'show_static', 'model_context', 'check_batch',
-           'error_line', 'linear_names', 'outlier_severity', 'OutlierReport', 'outlier_figure', 'OutlierInspector',
-           'check_tau', 'soft_target_band', 'teacher_logits', 'entropy_at', 'entropy_table', 'token_label',
-           'top_soft_targets', 'entropy_figure', 'EntropyInspector', 'normalize_record', 'monitor_series',
-           'phase_spans', 'monitor_figure', 'TrainingMonitor']
+__all__ = ['DASHBOARD_FORMATS', 'TAUS', 'MONITOR_KEYS', 'model_context', 'check_batch', 'error_line', 'linear_names',
+           'outlier_severity', 'OutlierReport', 'outlier_figure', 'OutlierInspector', 'check_tau', 'soft_target_band',
+           'teacher_logits', 'entropy_at', 'entropy_table', 'token_label', 'top_soft_targets', 'entropy_figure',
+           'EntropyInspector', 'normalize_record', 'monitor_series', 'phase_spans', 'monitor_figure', 'TrainingMonitor',
+           'static_bundle', 'show_static']
 
 # %% ../nbs/10_dashboards.ipynb #03d8f2ba
-def static_bundle(fig:go.Figure, # a plotly figure
-                 ) -> dict:
-    "Mime bundle of `fig`: plotly JSON (JupyterLab's renderer) and HTML loading plotly.js from its CDN (docs, nbconvert)."
-    return {**pio.renderers['plotly_mimetype'].to_mimebundle(fig), **pio.renderers['notebook_connected'].to_mimebundle(fig)}
-
-def show_static(fig:go.Figure, # a figure made by one of the `*_figure` functions
-               ):
-    "Display `fig` as a static plotly figure: one output with the JSON for JupyterLab and the HTML for docs and papermill."
-    from IPython.display import display
-    display(static_bundle(fig), raw=True)
+_all_ = ['static_bundle', 'show_static']   # re-exported: `from kdq_bench.dashboards import *` brings them
 
 def _model_of(x) -> nn.Module:
     "The `nn.Module` inside a `Teacher` (or `x` itself)."

@@ -18,8 +18,8 @@ from safetensors.torch import save_model
 from .data import load_documents
 
 # %% auto #0
-__all__ = ['window_plan', 'PerplexityResult', 'perplexity', 'start_token_id', 'evaluate_text', 'evaluate_split',
-           'model_size_bytes', 'LatencyResult', 'greedy_decode', 'latency']
+__all__ = ['window_plan', 'PerplexityResult', 'perplexity', 'FidelityResult', 'fidelity', 'start_token_id', 'evaluate_text',
+           'evaluate_split', 'model_size_bytes', 'LatencyResult', 'greedy_decode', 'latency']
 
 # %% ../nbs/04_evaluate.ipynb #3eb03e96
 def window_plan(n:int, # number of tokens in the stream
@@ -118,6 +118,38 @@ def perplexity(model:nn.Module, # causal LM: `model(ids)` gives `.logits` or a l
         if isinstance(model, nn.Module): model.train(was_training)
     nll = total / count
     return PerplexityResult(math.exp(nll), nll, count, total, len(plan), seq_len, stride)
+
+# %% ../nbs/04_evaluate.ipynb #8b647db3
+@dataclass
+class FidelityResult:
+    "How closely a student follows its teacher on a token stream."
+    kl: float             # mean KL(p_teacher ‖ p_student) per scored token, nats
+    top1: float           # share of scored positions where the two argmaxes agree
+    n_tokens: int         # positions scored
+    seq_len: int          # window length
+
+# %% ../nbs/04_evaluate.ipynb #b98ed3a2
+def fidelity(student:nn.Module, # the model measured
+             teacher:nn.Module, # the reference (same vocabulary)
+             tokens, # 1-D token ids
+             seq_len:int=512, # window length (non-overlapping windows, as `perplexity` with stride = seq_len)
+             batch_size:int=4, # windows per forward pass
+             max_tokens:int|None=None, # evaluate only the first `max_tokens` tokens
+            ) -> FidelityResult:
+    "Mean KL(teacher ‖ student) per token and top-1 agreement on the windows `perplexity` scores."
+    t = _as_tokens(tokens)[:max_tokens] if max_tokens is not None else _as_tokens(tokens)
+    plan = window_plan(len(t), seq_len, seq_len)
+    kl, agree, n, pos = 0.0, 0, 0, torch.arange(1, seq_len)
+    with torch.inference_mode():
+        for i in range(0, len(plan), batch_size):
+            chunk = plan[i:i+batch_size]
+            x = torch.stack([t[b:b+seq_len] for b, _ in chunk]).to(_device(student))
+            zs, zt = _logits(student, x)[:, :-1].float(), _logits(teacher, x.to(_device(teacher)))[:, :-1].float().to(x.device)
+            mask = torch.stack([pos >= first - b for b, first in chunk]).to(x.device)   # each token scored once, as in `perplexity`
+            lt, ls = F.log_softmax(zt, -1), F.log_softmax(zs, -1)
+            kl += float((lt.exp() * (lt - ls)).sum(-1).double()[mask].sum())
+            agree += int((zs.argmax(-1) == zt.argmax(-1))[mask].sum()); n += int(mask.sum())
+    return FidelityResult(kl / n, agree / n, n, seq_len)
 
 # %% ../nbs/04_evaluate.ipynb #86e94e45
 def start_token_id(tokenizer) -> int|None:

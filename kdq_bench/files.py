@@ -207,6 +207,7 @@ def record(folder:str|Path, # a folder claimed with `claim_folder`
 
 # %% ../nbs/00a_files.ipynb #18ebccf9
 def remove_owned(folder:str|Path, # a kdq_bench folder (one with a marker)
+                 keep_folder:bool=False, # empty it but keep it (and its marker) as kdq_bench's, e.g. to start a study over
                 ) -> list[Path]:
     "Delete exactly what kdq_bench recorded in `folder` (and the folder, if kdq_bench created it and it is left empty)."
     folder = Path(folder).expanduser().resolve()
@@ -220,6 +221,9 @@ def remove_owned(folder:str|Path, # a kdq_bench folder (one with a marker)
     for r in sorted(m.get('dirs', []), key=lambda r: -len(Path(r).parts)):   # deepest first
         q = folder/r
         if safe(r) and q.is_dir() and not q.is_symlink() and not any(q.iterdir()): q.rmdir(); removed.append(q)
+    if keep_folder:
+        atomic_write_json(folder/MARKER, {**m, 'files': [], 'dirs': []}, indent=1)
+        return removed
     (folder/MARKER).unlink(); removed.append(folder/MARKER)
     if m.get('created_folder') and not any(folder.iterdir()): folder.rmdir(); removed.append(folder)
     return removed

@@ -13,29 +13,18 @@ from kdq_bench.cli import main
 from kdq_bench.data import tokenize_split
 from kdq_bench.evaluate import perplexity
 from kdq_bench.export import load_quantized
-from kdq_bench.models import TeacherRecipe, embedded_teacher, load_teacher
-from kdq_bench.quantizers import QuantSpec, fake_quant_layers
+from kdq_bench.models import load_teacher
 
-TINY = TeacherRecipe(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, seq_len=32,
-                     batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_every=10, eval_tokens=1024, patience=2)
 ARGS = ['--corpus', 'shakespeare', '--weights', 'int3-g128', '--steps', '8', '--batch-size', '4', '--seq-len', '32',
-        '--lr', '1e-3', '--tau', '2', '--seeds', '2', '--eval-tokens', '2048', '--eval-seq-len', '32', '--calib-samples', '8',
-        '--adapt-steps', '20', '--adapt-lr', '1e-3', '--latency-runs', '1', '--threads', '1']
+        '--lr', '1e-3', '--scale-lr', '1e-3', '--tau', '2', '--seeds', '2', '--eval-tokens', '2048', '--eval-seq-len', '32',
+        '--calib-samples', '8', '--calib-seq-len', '32', '--blockwise-samples', '4', '--blockwise-seq-len', '32', '--blockwise-lr', '1e-3',
+        '--blockwise-scale-lr', '1e-3', '--eval-corpora', '', '--adapt-steps', '20', '--adapt-lr', '1e-3', '--latency-runs', '1',
+        '--threads', '1']
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("KDQ_BENCH_CACHE")
-    os.environ["KDQ_BENCH_CACHE"] = str(d)
-    yield d
-    if old is None: os.environ.pop("KDQ_BENCH_CACHE", None)
-    else: os.environ["KDQ_BENCH_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(cache):
-    return embedded_teacher(TINY, progress=False).path
+def teacher_dir(tiny_teacher):
+    return tiny_teacher.path
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +40,11 @@ def test_study_files_and_rows(study):
     names = {p.name for p in out.iterdir()}
     assert {'metrics.json', 'table.md', 'report.html', 'compare.ipynb'} <= names
     got = [(r['method'], r['weights'], r['seed']) for r in m['rows']]
-    assert got == [('fp', 'fp32', None), ('rtn', 'int8', None), ('rtn', 'int3-g128', None), ('gptq', 'int3-g128', None),
+    assert got == [('teacher', 'fp32', None), ('rtn', 'int8', None), ('rtn', 'int3-g128', None), ('gptq', 'int3-g128', None),
                    ('awq', 'int3-g128', None), ('fp-control', 'fp32', 0), ('qat', 'int3-g128', 0), ('kd+qat', 'int3-g128', 0),
                    ('fp-control', 'fp32', 1), ('qat', 'int3-g128', 1), ('kd+qat', 'int3-g128', 1)]
     for r in m['rows']:
-        for k in ('method', 'weights', 'acts', 'ppl', 'delta_pct', 'size_bytes', 'seconds', 'eval_tokens'): assert k in r, k
+        for k in ('method', 'weights', 'acts', 'ppl', 'delta_pct', 'kl', 'top1', 'size_bytes', 'seconds', 'tokens', 'eval_tokens'): assert k in r, k
     assert m['teacher']['adaptation']['steps_run'] >= 10 and m['corpus'] == 'shakespeare'
     assert m['versions']['torch'] == torch.__version__ and m['params']['seeds'] == [0, 1]
     # the KD+QAT artifacts are named with 'kd' and load with the export module
@@ -73,7 +62,7 @@ def test_report_matches_artifacts(study, teacher_dir):
     tok = load_teacher(m['teacher']['path']).tokenizer
     test = tokenize_split('shakespeare', 'test', tok)
     fp = m['rows'][0]
-    assert fp['method'] == 'fp' and fp['delta_pct'] == 0
+    assert fp['method'] == 'teacher' and fp['delta_pct'] == 0 and fp['kl'] == 0
     adapted = load_teacher(m['teacher']['path']).model
     assert math.isclose(perplexity(adapted, test, seq_len=32, max_tokens=2048, progress=False).ppl, fp['ppl'], rel_tol=1e-6)
     for r in m['rows']:
@@ -105,7 +94,7 @@ def test_summary_mean_and_spread(study):
     kd = [r['ppl'] for r in m['rows'] if r['method'] == 'kd+qat']
     assert math.isclose(s[('kd+qat', 'int3-g128')]['ppl'], sum(kd) / 2)
     assert math.isclose(s[('kd+qat', 'int3-g128')]['ppl_sd'], abs(kd[0] - kd[1]) / math.sqrt(2))
-    assert s[('kd+qat', 'int3-g128')]['seeds'] == 2 and s[('rtn', 'int3-g128')]['seeds'] == 0
+    assert s[('kd+qat', 'int3-g128')]['runs'] == 2 and s[('rtn', 'int3-g128')]['runs'] == 1
     assert f"{s[('kd+qat', 'int3-g128')]['ppl']:.3f} ± {s[('kd+qat', 'int3-g128')]['ppl_sd']:.3f}" in markdown_table(m)
 
 
@@ -120,8 +109,9 @@ def test_resume_refuse_and_overwrite(study, teacher_dir):
 
 
 def test_bad_input_fails_before_any_work(tmp_path, capsys):
-    for args, msg in ((['--methods', 'rtn,bogus'], 'unknown method'), (['--weights', 'int8-token'], 'activation format'),
-                      (['--eval-tokens', '100'], 'too few'), (['--weights', 'int4-gq'], 'expected one of')):
+    for args, msg in ((['--methods', 'rtn,bogus'], '--methods: unknown method'), (['--weights', 'int8-token'], '--weights: int8-token is an activation format'),
+                      (['--eval-tokens', '100'], '--eval-tokens: must be an integer >= 2048'), (['--weights', 'int4-gq'], 'expected one of'),
+                      (['--corpus', 'klingon'], '--corpus: unknown corpus'), (['--tau', 'hot'], 'invalid _tau value')):
         assert main(['compare', '--teacher', 'embedded', '--out', str(tmp_path / 'x'), *args]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / 'x').exists()
@@ -131,7 +121,7 @@ def test_interrupted_study_keeps_whole_rows(teacher_dir, tmp_path, monkeypatch):
     "A study stopped in the middle of a trained row reports only whole rows and finishes on the next call."
     cfg = StudyConfig(teacher=str(teacher_dir), corpus='shakespeare', weights=['int3-g128'], methods=['rtn', 'qat', 'kd+qat'],
                       steps=6, batch_size=4, seq_len=32, lr=1e-3, tau=2.0, out=str(tmp_path / 's'), eval_tokens=2048,
-                      eval_seq_len=32, adapt_steps=0, latency_runs=1)
+                      eval_seq_len=32, adapt_steps=0, latency_runs=1, blockwise=False, calib_samples=4, calib_seq_len=32, eval_corpora=[])
     real = B.trained_row
     def boom(cfg, teacher, r, *a, **k):
         if r['method'] == 'kd+qat': raise KeyboardInterrupt
@@ -139,14 +129,14 @@ def test_interrupted_study_keeps_whole_rows(teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(B, 'trained_row', boom)
     with pytest.raises(KeyboardInterrupt): run_study(cfg, progress=False)
     rows = json.loads((tmp_path / 's' / 'metrics.json').read_text())['rows']
-    assert [r['method'] for r in rows] == ['fp', 'rtn', 'rtn', 'qat'] and all('ppl' in r for r in rows)
+    assert [r['method'] for r in rows] == ['teacher', 'rtn', 'rtn', 'qat'] and all('ppl' in r for r in rows)
     monkeypatch.setattr(B, 'trained_row', real)
     m = run_study(cfg, progress=False)
-    assert [r['method'] for r in m['rows']] == ['fp', 'rtn', 'rtn', 'qat', 'kd+qat']
+    assert [r['method'] for r in m['rows']] == ['teacher', 'rtn', 'rtn', 'qat', 'kd+qat']
     assert m['rows'][:4] == rows
 
 
 def test_unsupported_pairs_are_listed(teacher_dir):
     rows, skipped = B.plan_rows(StudyConfig(weights=['nvfp4'], methods=['gptq', 'awq', 'rtn']).validate())
-    assert [(r['method'], r['weights']) for r in rows] == [('fp', 'fp32'), ('rtn', 'int8'), ('rtn', 'nvfp4')]
+    assert [(r['method'], r['weights']) for r in rows] == [('teacher', 'fp32'), ('rtn', 'int8'), ('rtn', 'nvfp4')]
     assert len(skipped) == 2 and all('integer formats' in s for s in skipped)

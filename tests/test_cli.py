@@ -5,25 +5,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdq_bench.models import TeacherRecipe, embedded_teacher
+from kdq_bench.models import load_teacher
 from kdq_bench.export import load_quantized
-from kdq_bench.evaluate import evaluate_split
+from kdq_bench.data import tokenize_split
+from kdq_bench.evaluate import perplexity
 from kdq_bench.cli import main
-
-TINY = TeacherRecipe(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, seq_len=32,
-                     batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_every=10, eval_tokens=1024, patience=2)
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    "A tiny embedded-recipe teacher saved as a plain folder, the form `--teacher PATH` takes."
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("KDQ_BENCH_CACHE")
-    os.environ["KDQ_BENCH_CACHE"] = str(cache)
-    t = embedded_teacher(TINY, progress=False)
-    yield t.path
-    if old is None: os.environ.pop("KDQ_BENCH_CACHE", None)
-    else: os.environ["KDQ_BENCH_CACHE"] = old
+def teacher_dir(tiny_teacher):
+    "The tiny teacher's folder, the form `--teacher PATH` takes."
+    return tiny_teacher.path
 
 
 def test_console_script_formats():
@@ -37,25 +29,47 @@ def test_console_script_rejects_bad_input():
 
 
 def test_ptq_study_end_to_end_matches_artifacts(teacher_dir, tmp_path):
+    "`kdq-bench ptq` is the study with PTQ rows only: its rows are those of the saved artifacts, evaluated directly."
     out = tmp_path / 'run'
-    args = ['ptq', '--teacher', str(teacher_dir), '--corpus', 'shakespeare', '--methods', 'rtn',
-            '--weights', 'int8,int2-g16-asym', '--out', str(out), '--eval-chars', '3000', '--seq-len', '32']
+    args = ['ptq', '--teacher', str(teacher_dir), '--corpus', 'shakespeare', '--methods', 'rtn', '--weights', 'int8,int2-g16-asym',
+            '--out', str(out), '--eval-tokens', '2048', '--eval-seq-len', '32', '--eval-corpora', '', '--latency-runs', '1']
     assert main(args) == 0
     m = json.loads((out / 'metrics.json').read_text())
     rows = {(r['method'], r['weights']): r for r in m['rows']}
-    assert set(rows) == {('fp', 'fp32'), ('rtn', 'int8'), ('rtn', 'int2-g16-asym')}
-    assert '| rtn | int8 |' in (out / 'table.md').read_text()
-    # the reported numbers are those of the saved packed artifacts, evaluated directly
-    from kdq_bench.models import load_teacher
+    assert set(rows) == {('teacher', 'fp32'), ('rtn', 'int8'), ('rtn', 'int2-g16-asym')}
+    assert '| PTQ RTN | int8 |' in (out / 'table.md').read_text()
     tok = load_teacher(str(teacher_dir)).tokenizer
+    test = tokenize_split('shakespeare', 'test', tok)
     for w in ('int8', 'int2-g16-asym'):
-        model = load_quantized(out / f'rtn-{w}')
-        r = evaluate_split(model, tok, 'shakespeare', 'test', seq_len=32, max_chars=3000, progress=False)
-        assert abs(r.ppl - rows[('rtn', w)]['ppl']) < 1e-3 * r.ppl
-        fp = rows[('fp', 'fp32')]['ppl']
-        assert abs(rows[('rtn', w)]['delta_pct'] - 100 * (rows[('rtn', w)]['ppl'] / fp - 1)) < 0.01
-    assert rows[('rtn', 'int2-g16-asym')]['size_bytes'] < rows[('rtn', 'int8')]['size_bytes'] < rows[('fp', 'fp32')]['size_bytes']
+        r = rows[('rtn', w)]
+        model = load_quantized(out / r['artifact'])
+        direct = perplexity(model, test, seq_len=32, max_tokens=2048, progress=False)
+        assert abs(direct.ppl - r['ppl']) < 1e-6 * direct.ppl
+        fp = rows[('teacher', 'fp32')]['ppl']
+        assert abs(r['delta_pct'] - 100 * (r['ppl'] / fp - 1)) < 1e-9
+    assert rows[('rtn', 'int2-g16-asym')]['size_bytes'] < rows[('rtn', 'int8')]['size_bytes'] < rows[('teacher', 'fp32')]['size_bytes']
     # a second run in the same folder resumes (nothing redone); other parameters are refused without --overwrite
     assert main(args) == 0
     assert json.loads((out / 'metrics.json').read_text())['rows'] == m['rows']
-    assert main(args[:-3] + ['4000', '--seq-len', '32']) == 2
+    assert main(args + ['--calib-samples', '4']) == 2
+
+
+def test_ptq_refuses_trained_methods_and_names_the_option(capsys):
+    assert main(['ptq', '--teacher', 'embedded', '--methods', 'rtn,kd+qat']) == 2
+    assert "--methods: ['kd+qat'] are not PTQ methods" in capsys.readouterr().err
+    assert main(['compare', '--teacher', 'embedded', '--calib-seq-len', '0']) == 2
+    assert '--calib-seq-len: must be an integer >= 1' in capsys.readouterr().err
+
+
+def test_options_and_notebook_parameters_are_study_config():
+    "Every StudyConfig field is a `compare` option and a parameter of the experiment notebook, with the same default."
+    import ast
+    from dataclasses import fields
+    from kdq_bench.benchmarks import StudyConfig
+    from kdq_bench.cli import build_parser, notebook_parameters, study_notebook
+    compare = next(a for a in build_parser()._subparsers._group_actions[0].choices['compare']._actions if a.dest == 'teacher').container
+    dests = {a.dest for a in compare._actions}
+    assert {f.name for f in fields(StudyConfig)} <= dests
+    nb = notebook_parameters(study_notebook())
+    assert set(nb) == {f.name for f in fields(StudyConfig)} | {'overwrite'}
+    for f in fields(StudyConfig): assert ast.literal_eval(nb[f.name]) == getattr(StudyConfig(), f.name), f.name
