@@ -230,7 +230,7 @@ def _load_ct(path):
                                                 dtype=torch.float32)
 
 
-@pytest.mark.parametrize("fmt", ['int4-g32', 'int4-g32-asym', 'int8', 'int8-asym', 'int4-asym', 'int8-g32'])
+@pytest.mark.parametrize("fmt", ['int4-g32', 'int4-g32-asym', 'int8', 'int8-asym', 'int4-asym', 'int8-g32', 'gguf-q4_0', 'gguf-q8_0'])
 def test_export_compressed_tensors_loaded_by_transformers(teacher, fmt, tmp_path):
     """transformers + compressed-tensors decompress exactly the student's weights (compared bit for bit), so the
     logits are bit-equal too: both sides run the same float32 LlamaForCausalLM code on the same tensors."""
@@ -238,7 +238,7 @@ def test_export_compressed_tensors_loaded_by_transformers(teacher, fmt, tmp_path
     student = _student(model, fmt)
     path = export_compressed_tensors(student, tmp_path / 'ct', tok)
     qc = json.loads((path / 'config.json').read_text())['quantization_config']
-    spec = QuantSpec.parse(fmt)
+    spec = fake_quant_layers(student)['model.layers.0.mlp.up_proj'].w_spec
     assert qc['quant_method'] == 'compressed-tensors' and qc['format'] == 'pack-quantized' and qc['ignore'] == ['lm_head']
     wq = qc['config_groups']['group_0']['weights']
     assert (wq['num_bits'], wq['symmetric'], wq['strategy'], wq['group_size']) == \
