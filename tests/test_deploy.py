@@ -308,13 +308,17 @@ def test_llama_cpp_runs_the_export(teacher, fmt, tmp_path):
     ids = tok(TEXT)['input_ids'][:32]
     got = llama_cpp_logits(llm, ids)
     with torch.no_grad(): ref = student(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    # llama.cpp reads exactly these weights (tests above) but quantizes the activations of its Q4_0/Q8_0/MXFP4 matmuls
+    # to 8 bits (Q8_0 vec_dot) and sums in another order: agreement to a fraction of a percent, not bit for bit
+    # (measured on this model: max |diff| 3e-4 to 5e-4 on a logit range of 6.7, every argmax the same).
+    assert np.abs(got - ref).max() < 0.01 * (ref.max() - ref.min())
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
     # llama.cpp tokenizes the text as the 🤗 tokenizer does
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tok(TEXT)['input_ids']
     stream = np.asarray(tok(TEXT * 8)['input_ids'], dtype=np.int64)
     plan = window_plan(len(stream), 32, 16)
     total, count = llama_cpp_nll(llm, stream, plan, 32)
     ours = perplexity(student, stream, seq_len=32, stride=16, progress=False)
+    llm.close()
     assert count == ours.n_tokens
-    assert abs(total / count - ours.nll) < 0.01 * ours.nll
+    assert abs(total / count - ours.nll) < 0.002 * ours.nll      # measured: within 0.01%
