@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from kdq_bench.models import DEFAULT_RECIPE, load_teacher
-from kdq_bench.trainer import TrainConfig, Trainer, windows
+from kdq_bench.data import windows
+from kdq_bench.trainer import TrainConfig, Trainer
 from kdq_bench.losses import distill_loss, TopKLogits
 from transformers import LlamaForCausalLM
 

@@ -19,14 +19,15 @@ from .export import pack_qtensor, save_quantized, load_quantized
 from .data import tokenize_split, calibration_set, cache_dir
 from .models import Teacher, load_teacher, make_student, freeze
 from .evaluate import perplexity, model_size_bytes, latency
-from .trainer import TrainConfig, Trainer, latest_checkpoint, weights_hash
+from .teacher_cache import weights_hash
+from .trainer import TrainConfig, Trainer, latest_checkpoint, EarlyStopping, ProgressLines
 from .ptq import ptq, PTQ_METHODS
 
 # %% auto #0
 __all__ = ['TRAINED_METHODS', 'STUDY_METHODS', 'MIN_EVAL_TOKENS', 'GPTQ_AWQ_KINDS', 'METHOD_ORDER', 'METHOD_LABELS', 'CURVE_KEYS',
            'StudyConfig', 'check_packable', 'plan_rows', 'row_key', 'artifact_name', 'adapt_teacher', 'decode_ratio',
-           'evaluate_row', 'artifact_metrics', 'check_study_folder', 'StudyLog', 'progress_lines', 'train_config',
-           'trained_row', 'run_study', 'summary', 'markdown_table', 'read_curves', 'perplexity_figure', 'curves_figure',
+           'evaluate_row', 'artifact_metrics', 'check_study_folder', 'StudyLog', 'train_config', 'trained_row',
+           'run_study', 'summary', 'markdown_table', 'read_curves', 'perplexity_figure', 'curves_figure',
            'write_report']
 
 # %% ../nbs/09_benchmarks.ipynb #8ec438b4
@@ -165,27 +166,18 @@ def adapt_teacher(teacher:Teacher, # the FP teacher (`load_teacher`)
     val = tokenize_split(corpus, 'validation', teacher.tokenizer)
     ppl0 = perplexity(teacher.model.to(device), val, seq_len=seq_len, max_tokens=eval_tokens, progress=False).ppl
     student = make_student(teacher)
-    best, state = dict(ppl=ppl0, step=0, bad=0), {}
-    def watch(rec):
-        if 'val_ppl' not in rec: return
-        if rec['val_ppl'] < best['ppl'] * (1 - min_delta):
-            best.update(ppl=rec['val_ppl'], step=rec['step'], bad=0)
-            state['best'] = {k: v.detach().to('cpu', copy=True) for k, v in student.state_dict().items()}
-        else:
-            best['bad'] += 1
-            if best['bad'] >= patience: trainer.request_stop()
+    stop = EarlyStopping('val_ppl', patience, min_delta, baseline=ppl0)
     cfg = TrainConfig.from_dict({
-        'training': dict(method='fp', steps=max_steps, batch_size=batch_size, seq_len=seq_len, seed=seed, device=device,
+        'training': dict(method='fp-control', steps=max_steps, batch_size=batch_size, seq_len=seq_len, seed=seed, device=device,
                          eval_every=eval_every, eval_tokens=eval_tokens, corpus=corpus),
         'optimizer': dict(lr=lr, schedule='constant')})
     t0 = time.time()
-    cbs = [watch] + ([progress_lines(max_steps, 'teacher adaptation', eval_every)] if progress else [])
-    trainer = Trainer(cfg, teacher=teacher, student=student, eval_tokens=val, callbacks=cbs, progress=progress)
-    res = trainer.fit()
-    if 'best' in state: student.load_state_dict(state['best'])
+    cbs = [stop] + ([ProgressLines(max_steps, 'teacher adaptation', eval_every, prefix='[compare]  ')] if progress else [])
+    res = Trainer(cfg, teacher=teacher, student=student, eval_tokens=val, callbacks=cbs, progress=progress).fit()
+    if stop.best_state is not None: student.load_state_dict(stop.best_state)
     else: student = make_student(teacher)            # nothing improved on the teacher: keep it as it is
-    info = dict(source=teacher.name, corpus=corpus, settings=settings, steps_run=res.step, best_step=best['step'],
-                stopped_early=res.status == 'interrupted', val_ppl_before=ppl0, val_ppl_after=best['ppl'],
+    info = dict(source=teacher.name, corpus=corpus, settings=settings, steps_run=res.step, best_step=stop.best_step,
+                stopped_early=res.status == 'interrupted', val_ppl_before=ppl0, val_ppl_after=stop.best,
                 seconds=time.time() - t0, curve=[dict(step=r['step'], val_ppl=r['val_ppl'], loss=r['loss']) for r in res.history if 'val_ppl' in r])
     tmp = dest.with_name(dest.name + '.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
@@ -282,31 +274,22 @@ class StudyLog:
         tmp.write_text(json.dumps(self.data, indent=1)); os.replace(tmp, self.path)
 
 # %% ../nbs/09_benchmarks.ipynb #fdf46ff4
-def progress_lines(steps:int, label:str, every:int|None=None):
-    "A trainer callback printing a line every `every` steps (default a tenth of the run): progress that papermill logs show."
-    every = every or max(1, steps // 10)
-    def cb(rec):
-        if rec['step'] % every == 0 or rec['step'] == steps:
-            print(f"[compare]   {label}: step {rec['step']}/{steps} loss {rec['loss']:.4f}" +
-                  (f" val ppl {rec['val_ppl']:.3f}" if 'val_ppl' in rec else '') + f" ({rec['tokens_per_s']:.0f} tokens/s)", file=sys.stderr, flush=True)
-    return cb
-
 def train_config(cfg:StudyConfig, method:str, weights:str, seed:int, run_dir:Path|None) -> TrainConfig:
     "The trainer configuration of one trained row."
     return TrainConfig.from_dict({
-        'training': dict(method={'fp-control': 'fp'}.get(method, method), steps=cfg.steps, batch_size=cfg.batch_size,
+        'training': dict(method=method, steps=cfg.steps, batch_size=cfg.batch_size,
                          seq_len=cfg.seq_len, seed=seed, device=cfg.device, corpus=cfg.corpus,
                          output_dir=None if run_dir is None else str(run_dir), keep_checkpoints=1,
                          checkpoint_every=max(10, cfg.steps // 4)),
-        'quantization': dict(weights=weights if method != 'fp-control' else 'int4-g128'),
+        'quantization': dict(weights=weights) if method != 'fp-control' else {},
         'distillation': dict(temperature=cfg.tau, joint=[cfg.lam, cfg.gamma]),
-        'optimizer': dict(lr=cfg.lr)})
+        'optimizer': dict(lr=cfg.lr, quant_weight_decay=0.01)})
 
 def trained_row(cfg:StudyConfig, teacher:Teacher, r:dict, train_tokens, run_dir:Path, progress:bool=True):
     "Train one row (resuming a checkpoint in `run_dir` if any); returns the trainer's result and the seconds spent."
     tc = train_config(cfg, r['method'], r['weights'], r['seed'], run_dir)
     t0 = time.time()
-    cbs = [progress_lines(tc.training.steps, f"{r['method']} {r['weights']}")] if progress else []
+    cbs = [ProgressLines(tc.training.steps, f"{r['method']} {r['weights']}", prefix='[compare]  ')] if progress else []
     res = Trainer(tc, teacher=teacher, train_tokens=train_tokens, progress=progress, callbacks=cbs).fit(resume=latest_checkpoint(run_dir) is not None)
     prev = json.loads((run_dir/'seconds.json').read_text())['seconds'] if (run_dir/'seconds.json').exists() else 0.0
     secs = prev + time.time() - t0

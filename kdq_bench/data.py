@@ -19,7 +19,8 @@ __all__ = ['CACHE_VERSION', 'SPLITS', 'CORPORA', 'DEFAULT_FRACTIONS', 'DEFAULT_U
            'clean_rst', 'clean_markdown', 'clean_text', 'CorpusUnavailable', 'Corpus', 'load_hf_documents',
            'register_corpus', 'list_corpora', 'chunk_documents', 'split_documents', 'load_documents', 'eos_token_id',
            'tokenizer_fingerprint', 'encode_documents', 'verify_token_cache', 'token_cache_path', 'tokenize_split',
-           'num_windows', 'batch_at', 'batches', 'eval_windows', 'eval_batches', 'calibration_set']
+           'num_windows', 'window_ids', 'windows', 'batch_at', 'batches', 'eval_windows', 'eval_batches',
+           'calibration_set']
 
 # %% ../nbs/02_data.ipynb #1769deea
 CACHE_VERSION = 1  # bump to invalidate every cached document list and token array
@@ -652,6 +653,27 @@ def num_windows(tokens, # 1-D token array
     "Number of non-overlapping `seq_len` windows in `tokens` (one training epoch)."
     return len(_as_tokens(tokens, seq_len)) // seq_len
 
+def window_ids(n_windows: int, # windows in one epoch (`num_windows(tokens, seq_len)`)
+               step: int, # training step (0-based)
+               batch_size: int, # windows per step
+               seed: int = 0, # seed of the per-epoch window permutations
+              ) -> np.ndarray:
+    "Indices of the windows of step `step`: every window once per epoch, in a seeded order (window i = tokens[i·seq_len:(i+1)·seq_len])."
+    if batch_size < 1 or step < 0: raise ValueError(f"batch_size must be >= 1 and step >= 0, got {batch_size}, {step}")
+    g = step * batch_size + np.arange(batch_size)
+    epochs, pos = np.divmod(g, n_windows)
+    ids = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epochs):
+        ids[epochs == e] = np.random.default_rng((seed, int(e))).permutation(n_windows)[pos[epochs == e]]
+    return ids
+
+def windows(tokens, # 1-D token array
+            ids, # window indices
+            seq_len: int, # tokens per window
+           ) -> torch.Tensor:
+    "LongTensor [len(ids), seq_len] holding windows `ids` of `tokens`."
+    return _windows(_as_tokens(tokens, seq_len), np.asarray(ids, dtype=np.int64) * seq_len, seq_len)
+
 def batch_at(tokens, # 1-D token array (np.ndarray, memmap or tensor)
              step: int, # training step (0-based)
              batch_size: int, # windows per batch
@@ -659,16 +681,7 @@ def batch_at(tokens, # 1-D token array (np.ndarray, memmap or tensor)
              seed: int = 0, # seed of the per-epoch window permutations
             ) -> torch.Tensor:
     "The LongTensor [batch_size, seq_len] that `batches` yields at `step`."
-    a = _as_tokens(tokens, seq_len)
-    if batch_size < 1 or step < 0: raise ValueError(f"batch_size must be >= 1 and step >= 0, got {batch_size}, {step}")
-    n = len(a) // seq_len
-    g = step * batch_size + np.arange(batch_size)
-    epochs, pos = np.divmod(g, n)
-    starts = np.empty(batch_size, dtype=np.int64)
-    for e in np.unique(epochs):
-        perm = np.random.default_rng((seed, int(e))).permutation(n)
-        starts[epochs == e] = perm[pos[epochs == e]] * seq_len
-    return _windows(a, starts, seq_len)
+    return windows(tokens, window_ids(num_windows(tokens, seq_len), step, batch_size, seed), seq_len)
 
 def batches(tokens, # 1-D token array (np.ndarray, memmap or tensor)
             batch_size: int, # windows per batch

@@ -14,16 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
-from . import quantizers as _q
-from .quantizers import (QuantSpec, QTensor, quantize, dequantize, fake_quant, FakeQuantLinear,
-                                  WeightQuantizer, LSQ, LearnedClip, fake_quant_layers)
+from .quantizers import QuantSpec, QTensor, quantize, dequantize, fake_quant, FakeQuantLinear, fake_quant_layers
 
 # %% auto #0
 __all__ = ['PACKED_KEYS', 'INT4_KERNEL_GROUPS', 'HAS_INT4_KERNEL', 'HAS_INT8_KERNEL', 'BACKENDS', 'WEIGHTS_NAME', 'CONFIG_NAME',
            'HF_CONFIG_NAME', 'FORMAT_NAME', 'FORMAT_VERSION', 'PACKING_DOC', 'DEFAULT_SPEED_CASES', 'packed_nbytes',
            'pack_bits', 'unpack_bits', 'e8m0_encode', 'e8m0_decode', 'scale_shape', 'pack_qtensor', 'unpack_qtensor',
            'tensors_nbytes', 'int4pack_group', 'int8pack_ok', 'to_int4pack', 'choose_backend', 'PackedLinear',
-           'layer_qtensor', 'export_linear', 'save_quantized', 'read_quant_config', 'load_quantized', 'size_report',
+           'export_linear', 'save_quantized', 'read_quant_config', 'load_quantized', 'size_report',
            'packed_matmul_speed']
 
 # %% ../nbs/01_export.ipynb #51d0f78e
@@ -131,7 +129,7 @@ def pack_qtensor(qt:QTensor, # output of `quantize` for a 2-d weight
                 ) -> dict:
     "Packed tensors of `qt`: 'qweight' (uint8 bytes, or raw float8), 'scale', and 'zero'/'global_scale' where the format has them."
     spec, shape = qt.spec, tuple(qt.shape)
-    if spec.kind not in ('int', 'nf4', 'fp8', 'mxfp4', 'nvfp4'): raise ValueError(f"cannot pack format kind {spec.kind!r}")
+    if spec.kind not in ('int', 'nf4', 'fp8', 'mxfp4', 'nvfp4', 'gguf'): raise ValueError(f"cannot pack format kind {spec.kind!r}")
     sshape = scale_shape(spec, shape)
     if tuple(qt.codes.shape) != shape: raise ValueError(f"codes have shape {tuple(qt.codes.shape)}, expected {shape}")
     if tuple(qt.scale.shape) != sshape: raise ValueError(f"{spec} on a {shape} weight needs scales of shape {sshape}, got {tuple(qt.scale.shape)}")
@@ -139,7 +137,7 @@ def pack_qtensor(qt:QTensor, # output of `quantize` for a 2-d weight
     if spec.kind == 'fp8':
         if qt.codes.dtype != _FP8_DTYPES[spec.fp8]: raise ValueError(f"{spec} codes must be {_FP8_DTYPES[spec.fp8]}, got {qt.codes.dtype}")
         out['qweight'] = qt.codes.contiguous()
-    elif spec.kind == 'int': out['qweight'] = pack_bits(_offset_codes(qt), spec.bits)
+    elif spec.kind in ('int', 'gguf'): out['qweight'] = pack_bits(_offset_codes(qt), spec.bits)
     else: out['qweight'] = pack_bits(qt.codes, 4)
     if spec.kind == 'mxfp4': out['scale'] = e8m0_encode(qt.scale)
     elif spec.kind == 'nvfp4':
@@ -147,6 +145,10 @@ def pack_qtensor(qt:QTensor, # output of `quantize` for a 2-d weight
         if not torch.equal(s8.float(), qt.scale.float()): raise ValueError("NVFP4 block scales must be exactly representable in float8_e4m3fn")
         if qt.global_scale is None: raise ValueError("NVFP4 needs its float32 per-tensor global_scale")
         out['scale'], out['global_scale'] = s8, qt.global_scale.float().reshape(()).clone()
+    elif spec.kind == 'gguf':
+        s16 = qt.scale.half()
+        if not torch.equal(s16.float(), qt.scale.float()): raise ValueError(f"{spec} scales must be exactly representable in float16 (ggml's d)")
+        out['scale'] = s16.contiguous()
     else: out['scale'] = qt.scale.float().contiguous()
     if spec.kind == 'int' and not spec.symmetric:
         if qt.zero is None or tuple(qt.zero.shape) != sshape: raise ValueError(f"{spec} needs integer zero points of shape {sshape}")
@@ -166,7 +168,7 @@ def unpack_qtensor(packed:dict, # tensors from `pack_qtensor`
     if spec.kind == 'fp8':
         if qw.dtype != _FP8_DTYPES[spec.fp8] or tuple(qw.shape) != shape: raise ValueError(f"{spec} qweight must be {_FP8_DTYPES[spec.fp8]} of shape {shape}, got {qw.dtype} {tuple(qw.shape)}")
         codes = qw
-    elif spec.kind == 'int':
+    elif spec.kind in ('int', 'gguf'):
         u = unpack_bits(qw, spec.bits, n).view(shape)   # like `quantize`: int8 codes if symmetric, uint8 if not
         if not spec.symmetric: codes = u
         elif spec.bits == 8: codes = (u ^ 0x80).view(torch.int8)       # u - 128 by flipping the top bit
@@ -174,7 +176,7 @@ def unpack_qtensor(packed:dict, # tensors from `pack_qtensor`
     else: codes = unpack_bits(qw, 4, n).view(shape)
     s = packed['scale']
     if tuple(s.shape) != sshape: raise ValueError(f"{spec} on a {shape} weight needs scales of shape {sshape}, got {tuple(s.shape)}")
-    want = {'mxfp4': torch.uint8, 'nvfp4': torch.float8_e4m3fn}.get(spec.kind, torch.float32)
+    want = {'mxfp4': torch.uint8, 'nvfp4': torch.float8_e4m3fn, 'gguf': torch.float16}.get(spec.kind, torch.float32)
     if s.dtype != want: raise ValueError(f"{spec} scales are stored as {want}, got {s.dtype}")
     scale = e8m0_decode(s) if spec.kind == 'mxfp4' else s.float()
     zero = None
@@ -205,7 +207,7 @@ def int4pack_group(spec:QuantSpec|str, # weight format
     "Group size with which torch's CPU int4 kernel reproduces `spec` on a [out, in] weight (None: it cannot)."
     spec = QuantSpec.parse(spec)
     out, n = shape
-    if spec.kind != 'int' or spec.bits > 4 or spec.granularity not in ('channel', 'group', 'tensor') or out % 16: return None
+    if spec.kind not in ('int', 'gguf') or spec.bits > 4 or spec.granularity not in ('channel', 'group', 'tensor') or out % 16: return None
     glen = spec.group_size if spec.granularity == 'group' else n
     return next((g for g in INT4_KERNEL_GROUPS if glen % g == 0 and n % g == 0), None)
 
@@ -239,7 +241,7 @@ def choose_backend(spec:QuantSpec|str, # weight format
     "Default backend: 'int4pack' for 4-bit integer formats the int4 kernel fits, 'int8pack' for symmetric per-channel int8, else 'dequant'."
     spec = QuantSpec.parse(spec)
     if torch.device(device).type != 'cpu': return 'dequant'
-    if spec.kind == 'int' and spec.bits == 4 and HAS_INT4_KERNEL and int4pack_group(spec, shape): return 'int4pack'
+    if spec.kind in ('int', 'gguf') and spec.bits == 4 and HAS_INT4_KERNEL and int4pack_group(spec, shape): return 'int4pack'
     if spec.kind == 'int' and spec.bits == 8 and HAS_INT8_KERNEL and int8pack_ok(spec): return 'int8pack'
     return 'dequant'
 
@@ -310,7 +312,7 @@ class PackedLinear(nn.Module):
         spec, p = self.spec, {}
         if spec.kind == 'fp8': p['qweight'] = self.qweight[r0:r1]
         else:   # 8 rows of codes always end on a byte boundary
-            bits = spec.bits if spec.kind == 'int' else 4
+            bits = spec.bits if spec.kind in ('int', 'gguf') else 4
             start = r0 * n * bits // 8
             p['qweight'] = self.qweight[start:start + packed_nbytes((r1 - r0) * n, bits)]
         for k in ('scale', 'zero'):
@@ -357,29 +359,6 @@ class PackedLinear(nn.Module):
                 + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else ""))
 
 # %% ../nbs/01_export.ipynb #d9b08723
-def layer_qtensor(layer:FakeQuantLinear, # a fake-quantized linear layer
-                 ) -> QTensor:
-    "The `QTensor` that `layer`'s weight quantizer applies to its weight."
-    wq, w, spec = layer.weight_quantizer, layer.weight.detach(), layer.w_spec
-    if not getattr(wq, 'enabled', True):
-        raise ValueError("weight fake quantization is disabled in this layer; enable it (set_quant_enabled(model, True)) before exporting")
-    with torch.no_grad():
-        if hasattr(wq, 'qtensor'): return wq.qtensor(w)
-        if isinstance(wq, WeightQuantizer): return quantize(w, wq.spec)
-        if isinstance(wq, LSQ):
-            s = _q._grad_scale(wq.step, wq.grad_factor).abs().clamp_min(1e-12)
-            z = None if wq.zero is None else torch.round(_q._grad_scale(wq.zero, wq.grad_factor))
-        elif isinstance(wq, LearnedClip):
-            s, z = _q._int_qparams(_q._to_groups(w.float(), spec)[0], spec, clip=wq.alpha.clamp(0.3, 1.0))
-        else: raise ValueError(f"cannot export weight quantizer {type(wq).__name__}; expected WeightQuantizer, LSQ or LearnedClip")
-        # codes from the fake-quantized weight itself: y = (q - z)*s carries a single rounding, so round(y/s) + z is q
-        yg, _, n = _q._to_groups(layer.quantized_weight().detach().float(), spec)
-        q = torch.round(yg / s) + (0 if z is None else z)
-        if q.numel() and (q.min() < spec.qmin or q.max() > spec.qmax):
-            raise ValueError(f"codes recovered from the fake-quantized weight fall outside [{spec.qmin}, {spec.qmax}]")
-        codes = _q._from_groups(q, w.shape, n).to(torch.int8 if spec.symmetric else torch.uint8)
-        return QTensor(spec, tuple(w.shape), codes, s.squeeze(-1).float(), None if z is None else z.squeeze(-1).to(torch.int32))
-
 def export_linear(layer:FakeQuantLinear, # a fake-quantized linear layer
                   verify:bool=True, # check the packed weight dequantizes bit-exactly to the layer's fake-quantized weight
                  ) -> dict:
@@ -387,7 +366,7 @@ def export_linear(layer:FakeQuantLinear, # a fake-quantized linear layer
     if not isinstance(layer, FakeQuantLinear): raise ValueError(f"expected a FakeQuantLinear, got {type(layer).__name__}")
     if layer.act_quantizer is not None and not layer.act_quantizer.enabled:
         raise ValueError("activation fake quantization is disabled in this layer; enable it before exporting")
-    qt = layer_qtensor(layer)
+    qt = layer.qtensor()   # codes and scales of exactly the weight the layer multiplies by, whatever its quantizer
     packed = pack_qtensor(qt)
     if verify:
         with torch.no_grad():
@@ -490,9 +469,7 @@ def load_quantized(path, # directory written by `save_quantized`
             raise ValueError(f"{WEIGHTS_NAME} lacks {missing}")
         packed = {k: tensors.pop(f'{name}.{k}') for k in lc['tensors']}
         bias = tensors.pop(f'{name}.bias') if lc['bias'] else None
-        new = PackedLinear(packed, lc['spec'], shape, bias, lc['a_spec'], backend, compute_dtype, chunk_rows)
-        parent, _, child = name.rpartition('.')
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, PackedLinear(packed, lc['spec'], shape, bias, lc['a_spec'], backend, compute_dtype, chunk_rows))
     for alias, src in cfg.get('tied', {}).items():
         if src in tensors: tensors[alias] = tensors[src]
     res = model.load_state_dict(tensors, strict=False)

@@ -11,6 +11,7 @@ from functools import partial, lru_cache
 import torch
 import torch.nn as nn
 import pandas as pd
+from .models import decoder_layers, layer_map
 
 # %% auto #0
 __all__ = ['resolve_names', 'FeatureCapture', 'FeatureProjector', 'pair_key', 'build_projectors', 'layer_pairs',
@@ -127,15 +128,9 @@ def layer_pairs(student:nn.Module, # student model
                 layers=None, # student layer indices to use (None: all)
                ) -> list[tuple[str, str]]:
     "Feature pairs (student name, teacher name) matching student layer i to teacher layer round(i(L_T-1)/(L_S-1))."
-    def blocks(m):
-        found = {}
-        for n, _ in m.named_modules():
-            if mt := re.fullmatch(r'(.*\.layers)\.(\d+)', n): found[int(mt[2])] = n
-        if not found: raise ValueError(f"found no decoder layers ('*.layers.<i>') in {type(m).__name__}")
-        return found
-    sb, tb = blocks(student), blocks(teacher)
-    ls, lt = len(sb), len(tb)
-    lmap = [lt - 1] if ls == 1 else [round(i * (lt - 1) / (ls - 1)) for i in range(ls)]
+    (sp, sl), (tp, tl) = decoder_layers(student), decoder_layers(teacher)
+    sb, tb = {i: f'{sp}.{i}' for i in range(len(sl))}, {i: f'{tp}.{i}' for i in range(len(tl))}
+    ls, lmap = len(sb), layer_map(len(tl), len(sl))
     idx = range(ls) if layers is None else layers
     pairs = []
     for i in idx:

@@ -6,21 +6,22 @@ Docs: https://kdq-bench.github.io/kdq_bench/losses.html.md"""
 
 # %% ../nbs/06_losses.ipynb #17259cb5
 from __future__ import annotations
-import math, warnings, fnmatch
+import contextlib, math, warnings, fnmatch
 from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 import pandas as pd
-from .quantizers import QuantSpec, quantize, dequantize, fake_quant, WeightQuantizer, fake_quant_layers, NF4_CODEBOOK
+from fastcore.basics import patch
+from .quantizers import fake_quant_layers
 from .hooks import pair_key
 
 # %% auto #0
 __all__ = ['DIVERGENCES', 'FEATURE_LOSSES', 'PHASES', 'auto_chunk', 'row_losses', 'tail_logsumexp', 'TopKLogits',
-           'teacher_confidence', 'distill_loss', 'shift_targets', 'causal_lm_loss', 'feature_loss', 'grid_step',
-           'layer_quant_error', 'quant_penalty', 'soft_target_entropy', 'check_soft_targets', 'entropy_sweep',
-           'LossSchedule', 'JointLoss']
+           'teacher_confidence', 'distill_loss', 'shift_targets', 'causal_lm_loss', 'feature_loss', 'layer_quant_error',
+           'quant_penalty', 'QuantPenaltyHooks', 'soft_target_entropy', 'check_soft_targets', 'entropy_sweep',
+           'choose_temperature', 'LossSchedule', 'JointLoss']
 
 # %% ../nbs/06_losses.ipynb #7581bac1
 def _compute_dtype(t:torch.Tensor) -> torch.dtype:
@@ -318,45 +319,18 @@ def feature_loss(s_feat:torch.Tensor, # student features [..., D]
     return tau**2 * _kl_rows(F.log_softmax(t / tau, -1), F.log_softmax(s / tau, -1)).mean()
 
 # %% ../nbs/06_losses.ipynb #a3dbf8cd
-_FP_GRID = {'mxfp4': (0, 1), 'nvfp4': (0, 1), 'e4m3': (-6, 3), 'e5m2': (-14, 2)}   # (min normal exponent, mantissa bits)
-
-def grid_step(qt, # the `QTensor` of `w` (from `quantizers.quantize`)
-              w:torch.Tensor, # the weight [out, in] it quantizes
-             ) -> torch.Tensor:
-    "Local spacing of the quantization grid at every element of `w`, in weight units (detached)."
-    sc = qt.scale.float()
-    if qt.global_scale is not None:
-        gs = qt.global_scale.float()
-        sc = torch.where(sc > 0, sc * gs, gs.expand_as(sc))   # an NVFP4 block whose E4M3 scale underflowed: use the tensor scale
-    sc = torch.where(sc > 0, sc, torch.ones_like(sc))
-    spec, n = qt.spec, w.shape[-1]
-    if spec.granularity == 'group': sc = sc.repeat_interleave(spec.group_size, dim=-1)[..., :n]
-    else: sc = sc.reshape(-1, 1) if spec.granularity == 'channel' else sc.reshape(1, 1)
-    if spec.kind == 'int': return sc.expand(w.shape)
-    u = w.detach().float() / sc
-    if spec.kind == 'nf4':
-        book = NF4_CODEBOOK.to(u.device)
-        return sc * (book[1:] - book[:-1])[torch.bucketize(u, book[1:-1])]
-    emin, mbits = _FP_GRID[spec.fp8 if spec.kind == 'fp8' else spec.kind]
-    e = torch.frexp(u)[1] - 1                       # floor(log2|u|) for u != 0
-    return sc * torch.exp2((e.clamp_min(emin) - mbits).float())
-
 def layer_quant_error(layer:nn.Module, # a FakeQuantLinear
                       normalize:str='scale', # 'scale' (error in units of the format's step), 'weight' (÷ mean W²) or 'none'
                      ) -> torch.Tensor:
     "Mean squared rounding error of one layer's master weights, differentiable wrt the weights."
     if normalize not in ('scale', 'weight', 'none'): raise ValueError(f"normalize must be 'scale', 'weight' or 'none', got {normalize!r}")
-    W = layer.weight
+    W, wq = layer.weight, layer.weight_quantizer
     with torch.no_grad():
-        qt = quantize(W.detach(), layer.w_spec)
-        wq = layer.weight_quantizer
-        if isinstance(wq, WeightQuantizer): Q = dequantize(qt)
-        else:
-            was = wq.enabled; wq.enabled = True
-            try: Q = wq(W.detach()).float()
-            finally: wq.enabled = was
+        was = wq.enabled; wq.enabled = True    # the penalty is measured during the warm-up too
+        try: Q, step = wq(W.detach()).float(), (wq.grid_step(W) if normalize == 'scale' else None)
+        finally: wq.enabled = was
     err = W.float() - Q
-    if normalize == 'scale': return (err / grid_step(qt, W)).pow(2).mean()
+    if normalize == 'scale': return (err / step).pow(2).mean()
     if normalize == 'weight': return err.pow(2).mean() / W.detach().float().pow(2).mean().clamp_min(1e-30)
     return err.pow(2).mean()
 
@@ -373,6 +347,57 @@ def quant_penalty(model:nn.Module, # the student (with FakeQuantLinear layers)
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device)
     return torch.stack([layer_quant_error(m, normalize) for m in fq.values()]).mean()
+
+# %% ../nbs/06_losses.ipynb #15b090f0
+class _AttachPenalty(torch.autograd.Function):
+    "Identity on `out`; its backward also sends the constant gradient `weight` to `penalty` (adds weight·penalty to the loss)."
+    @staticmethod
+    def forward(ctx, out, penalty, weight):
+        ctx.weight, ctx.meta = weight, (penalty.shape, penalty.dtype, penalty.device)
+        return out.view_as(out)
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, dev = ctx.meta
+        return g, torch.full(shape, ctx.weight, dtype=dtype, device=dev), None
+
+# %% ../nbs/06_losses.ipynb #625c8fc5
+class QuantPenaltyHooks:
+    "Compute each FakeQuantLinear's penalty in its forward hook and add γ·mean(penalties) to the loss's gradient."
+    def __init__(self, model:nn.Module, # a model holding FakeQuantLinear layers (none: the hooks do nothing)
+                 normalize:str='scale', # see `layer_quant_error`
+                ):
+        self.layers, self.normalize = fake_quant_layers(model), normalize
+        self.values, self.weight, self.active = [], 0.0, False
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers.values()]
+
+    def _hook(self, mod, inp, out):
+        if not self.active or not torch.is_grad_enabled(): return None
+        if self.weight == 0:
+            with torch.no_grad(): self.values.append(layer_quant_error(mod, self.normalize).detach().float())
+            return None
+        p = layer_quant_error(mod, self.normalize)
+        self.values.append(p.detach().float())
+        return _AttachPenalty.apply(out, p, self.weight)
+
+# %% ../nbs/06_losses.ipynb #de4f16ab
+@patch
+@contextlib.contextmanager
+def collect(self:QuantPenaltyHooks, gamma:float, # weight γ of L_quant
+           ):
+    "Within the block, forward passes record each layer's penalty and backward passes add γ·mean(penalty)."
+    self.values, self.active, self.weight = [], bool(self.layers), gamma / max(1, len(self.layers))
+    try: yield self
+    finally: self.active = False
+
+@patch
+def mean(self:QuantPenaltyHooks) -> float:
+    "Mean penalty over the layers in the first forward pass of the last `collect` (0.0 without layers)."
+    return float(torch.stack(self.values[:len(self.layers)]).mean()) if self.values else 0.0
+
+@patch
+def remove(self:QuantPenaltyHooks):
+    "Remove the hooks."
+    for h in self.handles: h.remove()
 
 # %% ../nbs/06_losses.ipynb #4e02bc36
 def soft_target_entropy(logits:torch.Tensor|TopKLogits, # teacher logits [..., V] or TopKLogits
@@ -441,6 +466,17 @@ def entropy_sweep(t_logits:torch.Tensor|TopKLogits, # teacher logits [..., V] or
                  ) -> pd.DataFrame:
     "`check_soft_targets` at several temperatures, one row each (no warnings)."
     return pd.DataFrame([check_soft_targets(t_logits, t, action='none', mask=mask, **kw) for t in taus])
+
+# %% ../nbs/06_losses.ipynb #5ac88eae
+def choose_temperature(t_logits:torch.Tensor|TopKLogits, # teacher logits [..., V] or TopKLogits
+                       taus=(1.0, 1.5, 2.0, 3.0, 4.0), # candidates, in any order
+                       mask:torch.Tensor|None=None, # bool [...]: positions to consider
+                       **kw, # passed to `check_soft_targets` (low, high, max_frac)
+                      ) -> tuple[float, pd.DataFrame]:
+    "The highest τ whose soft targets pass `check_soft_targets` (else the lowest), and the sweep it was chosen from."
+    sweep = entropy_sweep(t_logits, sorted(taus), mask=mask, **kw)
+    ok = sweep[sweep['ok']]
+    return float(ok['tau'].max() if len(ok) else sweep['tau'].min()), sweep
 
 # %% ../nbs/06_losses.ipynb #ddbd83e0
 PHASES = ('warmup', 'joint', 'final')
@@ -530,9 +566,18 @@ class LossSchedule:
         return (f"LossSchedule(total_steps={self.total_steps}, warmup=[0,{self.warmup_end}), joint=[{self.warmup_end},{self.final_start}), "
                 f"final=[{self.final_start},{self.total_steps}), lam_offset={self.lam_offset:g})")
 
+# %% ../nbs/06_losses.ipynb #3659dc9a
+@patch(cls_method=True)
+def constant(cls:LossSchedule, total_steps:int, # steps of the run
+             lam:float=1.0, # λ throughout
+             gam:float=0.0, # γ throughout
+            ) -> LossSchedule:
+    "A schedule with the same (λ, γ) at every step and no adaptive rule."
+    return cls(total_steps, 0.0, 0.0, (lam, gam), (lam, gam), (lam, gam), adaptive=False)
+
 # %% ../nbs/06_losses.ipynb #80e468d9
 class JointLoss(nn.Module):
-    "L_total = L_task + λ·(L_distill + w·L_feature) + γ·L_quant under a LossSchedule; returns every component."
+    "L_total = w·L_task + λ·(L_distill + w_f·L_feature) + γ·L_quant under a LossSchedule; returns every component."
     def __init__(self, schedule:LossSchedule, # gives (λ, γ) per step
                  distill_kind:str='forward_kl', # divergence of `distill_loss`
                  tau:float=4.0, # distillation temperature
@@ -545,66 +590,105 @@ class JointLoss(nn.Module):
                  chunk_size:int|None=None, # rows per chunk for the logit losses (None: auto)
                  quant_normalize:str='scale', # see `layer_quant_error`
                  inplace_backward:bool=True, # scale the logits' stored gradient in place (backward once per step)
+                 task_weight:float=1.0, # weight of L_task: 1 (joint loss) or 0 (teacher-only)
+                 epoch_steps:int|None=None, # steps per 'epoch' of the adaptive rule (`end_step` closes one every so many; None: never)
                 ):
         super().__init__()
         if distill_kind not in DIVERGENCES: raise ValueError(f"unknown divergence {distill_kind!r}; expected one of {DIVERGENCES}")
         if feature_kind not in FEATURE_LOSSES: raise ValueError(f"unknown feature loss {feature_kind!r}; expected one of {FEATURE_LOSSES}")
         if not tau > 0: raise ValueError(f"temperature must be positive, got {tau}")
-        self.schedule, self.distill_kind, self.tau = schedule, distill_kind, float(tau)
+        if not 0 <= task_weight <= 1: raise ValueError(f"task_weight must be in [0, 1], got {task_weight}")
+        self.schedule, self.distill_kind, self.tau, self.task_weight = schedule, distill_kind, float(tau), float(task_weight)
         self.feature_pairs = [tuple(p) for p in feature_pairs]
         self.feature_kind, self.feature_weight, self.feature_tau = feature_kind, float(feature_weight), float(feature_tau)
         self.projectors = projectors if projectors is not None else nn.ModuleDict()
         self.beta, self.chunk_size, self.quant_normalize = beta, chunk_size, quant_normalize
-        self.inplace_backward = inplace_backward
+        self.inplace_backward, self.penalty, self.epoch_steps = inplace_backward, None, epoch_steps
 
-    def _features(self, s_feats, t_feats, mask, like):
-        if not self.feature_pairs or self.feature_weight == 0 or s_feats is None or t_feats is None: return like.new_zeros(())
-        losses = []
-        for s, t in self.feature_pairs:
-            if s not in s_feats or t not in t_feats:
-                raise ValueError(f"feature pair ({s!r}, {t!r}) was not captured; student has {list(s_feats)}, teacher has {list(t_feats)}")
-            k = pair_key(s, t)
-            fs = self.projectors[k](s_feats[s]) if k in self.projectors else s_feats[s]
-            losses.append(feature_loss(fs, t_feats[t], self.feature_kind, self.feature_tau, mask=mask))
-        return torch.stack(losses).mean()
+# %% ../nbs/06_losses.ipynb #df3c0bb3
+@patch
+def _features(self:JointLoss, s_feats, t_feats, mask, like):
+    "Mean feature loss over the pairs (0 without pairs, features or weight)."
+    if not self.feature_pairs or self.feature_weight == 0 or s_feats is None or t_feats is None: return like.new_zeros(())
+    losses = []
+    for s, t in self.feature_pairs:
+        if s not in s_feats or t not in t_feats:
+            raise ValueError(f"feature pair ({s!r}, {t!r}) was not captured; student has {list(s_feats)}, teacher has {list(t_feats)}")
+        k = pair_key(s, t)
+        fs = self.projectors[k](s_feats[s]) if k in self.projectors else s_feats[s]
+        losses.append(feature_loss(fs, t_feats[t], self.feature_kind, self.feature_tau, mask=mask))
+    return torch.stack(losses).mean()
 
-    def forward(self, step:int, # 0-based optimizer step (selects λ, γ)
-                s_logits:torch.Tensor, # student logits [B, T, V]
-                labels:torch.Tensor, # [B, T] token ids (-100 = ignore); shifted inside
-                t_logits:torch.Tensor|TopKLogits|None=None, # teacher logits [B, T, V] or TopKLogits; None: no distillation
-                student:nn.Module|None=None, # the student, for L_quant
-                s_feats:dict|None=None, # captured student features (FeatureCapture.features)
-                t_feats:dict|None=None, # captured teacher features
-                mask:torch.Tensor|None=None, # [B, T] attention mask
-               ) -> dict:
-        lam, gam = self.schedule.weights(step)
-        tgt, valid = shift_targets(labels, mask)
-        n = valid.sum().clamp_min(1)
-        ce = lambda x, y: F.cross_entropy(x, y, reduction='none')
-        if t_logits is None:
-            s_rows = s_logits.reshape(-1, s_logits.shape[-1])
-            task = row_losses(ce, s_rows, (tgt.clamp_min(0).reshape(-1),), valid, self.chunk_size,
-                              inplace_backward=self.inplace_backward).sum() / n
-            logit_term, distill = task, task.new_zeros(())
-        else:   # task and distillation share one chunked pass over the logits and one stored gradient
-            s_rows, tv, idx, _, y = _flatten_inputs(s_logits, t_logits, valid, tgt)
-            beta = self.beta
-            if self.distill_kind == 'cakld' and beta is None: beta = teacher_confidence(t_logits, tgt, valid) if bool(valid.any()) else 0.0
-            div, tau2 = _divergence_fn(self.distill_kind, self.tau, beta), self.tau ** 2
-            both = lambda x, y, t, i: torch.stack([ce(x, y), tau2 * div(x, t, i)], -1)
-            comb, parts = row_losses(both, s_rows, (y, tv, idx), valid.reshape(-1), self.chunk_size, weights=[1.0, lam],
-                                     inplace_backward=self.inplace_backward)
-            logit_term = comb.sum() / n
-            task, distill = parts[:, 0].sum() / n, parts[:, 1].sum() / n
-        feature = self._features(s_feats, t_feats, None if mask is None else mask.to(torch.bool), logit_term)
-        if student is None: quant = logit_term.new_zeros(())
-        elif gam > 0: quant = quant_penalty(student, self.quant_normalize)
-        else:
-            with torch.no_grad(): quant = quant_penalty(student, self.quant_normalize)
-        total = logit_term + lam * self.feature_weight * feature + gam * quant
-        has_distill = t_logits is not None or (self.feature_weight > 0 and bool(self.feature_pairs) and s_feats is not None)
-        t_val, d_val = task.item(), (distill + self.feature_weight * feature).item()
-        ratio = 0.0 if not has_distill else (d_val / t_val if t_val > 0 else float('inf'))
-        if self.training and has_distill: self.schedule.observe(step, ratio)
-        return dict(total=total, task=task.detach(), distill=distill.detach(), quant=quant.detach(), feature=feature.detach(),
-                    ratio=ratio, lam=lam, gam=gam, phase=self.schedule.phase(step))
+# %% ../nbs/06_losses.ipynb #0a391484
+@patch
+def _logit_terms(self:JointLoss, lam, s_logits, labels, t_logits, mask):
+    "(w·task + λ·distill as one differentiable term, task, distill) from one chunked pass over the logits."
+    tgt, valid = shift_targets(labels, mask)
+    n = valid.sum().clamp_min(1)
+    ce = lambda x, y: F.cross_entropy(x, y, reduction='none')
+    if t_logits is None:
+        if self.task_weight == 0: raise ValueError("a teacher-only loss (task_weight=0) needs teacher logits")
+        task = row_losses(ce, s_logits.reshape(-1, s_logits.shape[-1]), (tgt.clamp_min(0).reshape(-1),), valid, self.chunk_size,
+                          inplace_backward=self.inplace_backward).sum() / n
+        return task, task, task.new_zeros(())
+    s_rows, tv, idx, _, y = _flatten_inputs(s_logits, t_logits, valid, tgt)
+    beta = self.beta
+    if self.distill_kind == 'cakld' and beta is None: beta = teacher_confidence(t_logits, tgt, valid) if bool(valid.any()) else 0.0
+    div, tau2 = _divergence_fn(self.distill_kind, self.tau, beta), self.tau ** 2
+    both = lambda x, y, t, i: torch.stack([ce(x, y), tau2 * div(x, t, i)], -1)
+    comb, parts = row_losses(both, s_rows, (y, tv, idx), valid.reshape(-1), self.chunk_size, weights=[self.task_weight, lam],
+                             inplace_backward=self.inplace_backward)
+    return comb.sum() / n, parts[:, 0].sum() / n, parts[:, 1].sum() / n
+
+# %% ../nbs/06_losses.ipynb #c57ff273
+@patch
+def forward(self:JointLoss, step:int, # 0-based optimizer step (selects λ, γ)
+            s_logits:torch.Tensor, # student logits [B, T, V]
+            labels:torch.Tensor, # [B, T] token ids (-100 = ignore); shifted inside
+            t_logits:torch.Tensor|TopKLogits|None=None, # teacher logits [B, T, V] or TopKLogits; None: no distillation
+            student:nn.Module|None=None, # the student, for a direct L_quant (else: the attached hooks' value, or 0)
+            s_feats:dict|None=None, # captured student features (FeatureCapture.features)
+            t_feats:dict|None=None, # captured teacher features
+            mask:torch.Tensor|None=None, # [B, T] attention mask
+           ) -> dict:
+    lam, gam = self.schedule.weights(step)
+    logit_term, task, distill = self._logit_terms(lam, s_logits, labels, t_logits, mask)
+    feature = self._features(s_feats, t_feats, None if mask is None else mask.to(torch.bool), logit_term)
+    if student is not None:
+        with (contextlib.nullcontext() if gam > 0 else torch.no_grad()): quant = quant_penalty(student, self.quant_normalize)
+    else: quant = logit_term.new_tensor(self.penalty.mean() if self.penalty is not None else 0.0)   # hooks carry its gradient
+    total = logit_term + lam * self.feature_weight * feature + gam * quant
+    d = (distill + self.feature_weight * feature).item()
+    ratio = 0.0 if t_logits is None and s_feats is None else (d / task.item() if task.item() > 0 else float('inf'))
+    return dict(total=total, task=task.detach(), distill=distill.detach(), quant=quant.detach(), feature=feature.detach(),
+                ratio=ratio, lam=lam, gam=gam, phase=self.schedule.phase(step))
+
+# %% ../nbs/06_losses.ipynb #0191f377
+@patch
+def attach(self:JointLoss, student:nn.Module) -> JointLoss:
+    "Measure L_quant inside `student`'s forward passes (`QuantPenaltyHooks`); returns self."
+    if self.penalty is not None: self.penalty.remove()
+    self.penalty = QuantPenaltyHooks(student, self.quant_normalize)
+    return self
+
+@patch
+def collect(self:JointLoss, step:int):
+    "Context for the student's forward pass of `step`: the attached hooks add γ(step)·L_quant to its gradient."
+    if self.penalty is None: return contextlib.nullcontext()
+    return self.penalty.collect(self.schedule.weights(step)[1])
+
+# %% ../nbs/06_losses.ipynb #332d4a2c
+@patch
+def end_step(self:JointLoss, step:int, # the optimizer step that ends
+             task:float, distill:float, feature:float, quant:float, # the step's mean components
+             distilling:bool=True, # whether a teacher (or features) took part: only then the ratio counts
+            ) -> dict:
+    "The step's record (total, components, ratio, λ, γ, phase); feeds the ratio to the adaptive rule once."
+    lam, gam = self.schedule.weights(step)
+    d = distill + self.feature_weight * feature
+    ratio = 0.0 if not distilling else (d / task if task > 0 else float('inf'))
+    if distilling:
+        self.schedule.observe(step, ratio)                   # ignored in the warm-up
+        if self.epoch_steps and (step + 1) % self.epoch_steps == 0: self.schedule.end_epoch(step=step)
+    return dict(loss=self.task_weight * task + lam * d + gam * quant, task=task, distill=distill, feature=feature, quant=quant,
+                ratio=ratio, lam=lam, gam=gam, phase=self.schedule.phase(step))

@@ -22,7 +22,8 @@ from .data import cache_dir, load_documents, tokenize_split, batches, eval_windo
 # %% auto #0
 __all__ = ['DEFAULT_RECIPE', 'SMOLLM2_GGUF', 'KNOWN_TEACHERS', 'Teacher', 'count_params', 'freeze', 'is_frozen',
            'train_tokenizer', 'TeacherRecipe', 'seed_everything', 'train_teacher', 'teacher_dir', 'embedded_teacher',
-           'smollm2_gguf_path', 'convert_smollm2', 'smollm2_teacher', 'load_teacher', 'make_student', 'check_vocab']
+           'smollm2_gguf_path', 'convert_smollm2', 'smollm2_teacher', 'load_teacher', 'layer_map', 'decoder_layers',
+           'make_student', 'check_vocab']
 
 # %% ../nbs/03_models.ipynb #bca782be
 @dataclass
@@ -285,9 +286,22 @@ def load_teacher(name:str='embedded', # 'embedded', 'smollm2-135m', a local fold
 # %% ../nbs/03_models.ipynb #ff11c2a7
 def _model_of(x): return x.model if isinstance(x, Teacher) else x
 
-def _layer_map(n_teacher:int, n_student:int) -> list[int]:
+def layer_map(n_teacher:int, # decoder blocks of the teacher
+              n_student:int, # decoder blocks of the student
+             ) -> list[int]:
+    "Teacher block matched to each student block: evenly spaced, first to first and last to last (DistilBERT's selection)."
     if n_student == 1: return [n_teacher - 1]
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+def decoder_layers(model:nn.Module) -> tuple[str, nn.ModuleList]:
+    "Name and `ModuleList` of the model's decoder layers (`config.num_hidden_layers` of them)."
+    n = getattr(getattr(model, 'config', None), 'num_hidden_layers', None)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) and (n is None or len(m) == n) and len({type(x) for x in m}) == 1]
+    if not found:
+        raise ValueError(f"found no list of decoder layers in {type(model).__name__}; expected a causal LM whose "
+                         "decoder layers sit in an nn.ModuleList (e.g. model.model.layers)")
+    return max(found, key=lambda t: len(t[1]))
 
 def make_student(teacher:Teacher|PreTrainedModel, # the teacher (or its model)
                  num_layers:int|None=None, # fewer blocks (None: the teacher's)
@@ -318,7 +332,7 @@ def make_student(teacher:Teacher|PreTrainedModel, # the teacher (or its model)
         seed_everything(seed)
         s = type(t)(cfg).to(dtype=next(t.parameters()).dtype)
         if init == 'teacher':
-            lmap = _layer_map(t.config.num_hidden_layers, cfg.num_hidden_layers)
+            lmap = layer_map(t.config.num_hidden_layers, cfg.num_hidden_layers)
             tsd, new = t.state_dict(), {}
             for k, v in s.state_dict().items():
                 src = re.sub(r'\.layers\.(\d+)\.', lambda m: f'.layers.{lmap[int(m[1])]}.', k)

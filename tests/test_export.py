@@ -83,7 +83,7 @@ def ref_dequant(qt):
     glen = spec.group_size if spec.granularity == 'group' else n
     col_group = torch.arange(n) // glen
     s = qt.scale.float().expand(out, -1)[:, col_group] if spec.granularity != 'tensor' else qt.scale.float().expand(out, n)
-    if spec.kind == 'int':
+    if spec.kind in ('int', 'gguf'):
         z = 0 if qt.zero is None else qt.zero.float().expand(out, -1)[:, col_group] if spec.granularity != 'tensor' else qt.zero.float()
         return (qt.codes.float() - z) * s
     if spec.kind == 'fp8': return qt.codes.float() * s
@@ -104,7 +104,7 @@ def test_pack_qtensor_roundtrip_exact(fmt, shape):
     assert torch.equal(dequantize(back), fq)                       # the packed bytes give the fake-quant weights
     assert torch.equal(ref_dequant(back), fq)                      # ... also by an independent formula
     spec = qt.spec
-    if spec.kind == 'int':
+    if spec.kind in ('int', 'gguf'):
         assert back.codes.dtype == qt.codes.dtype == (torch.int8 if spec.symmetric else torch.uint8)
         assert torch.equal(back.codes, qt.codes)
         assert packed['qweight'].numel() == math.ceil(w.numel() * spec.bits / 8)
@@ -120,6 +120,7 @@ def test_pack_qtensor_roundtrip_exact(fmt, shape):
         assert packed['scale'].dtype == torch.float8_e4m3fn and packed['global_scale'].dtype == torch.float32
         assert torch.equal(back.global_scale, qt.global_scale.float())
     if spec.kind in ('int', 'nf4'): assert packed['scale'].dtype == torch.float32
+    if spec.kind == 'gguf': assert packed['scale'].dtype == torch.float16   # ggml's d, exactly
     assert tuple(packed['scale'].shape) == scale_shape(spec, shape)
 
 
@@ -320,10 +321,11 @@ def test_auto_backend_choice_and_errors():
     with pytest.raises(ValueError, match='int4pack backend keeps only'): PackedLinear.from_qtensor(qt).qtensor()
 
 
-def test_export_linear_lsq_and_clip_exact():
+def test_export_linear_every_quantizer_mode_exact():
     torch.manual_seed(4)
     lin = nn.Linear(128, 48)
-    for fmt, mode in [('int4-g32', 'lsq'), ('int3-g64-asym', 'lsq'), ('int8-asym', 'lsq'), ('int4-g32-asym', 'clip'), ('int2', 'clip')]:
+    for fmt, mode in [('int4-g32', 'learned'), ('int3-g64-asym', 'learned'), ('int8-asym', 'learned'), ('gguf-q4_0', 'learned'),
+                      ('int4-g32-asym', 'clip'), ('int2', 'clip'), ('int4-g32', 'frozen'), ('nvfp4', 'frozen')]:
         fq = FakeQuantLinear.from_linear(lin, fmt, mode=mode)
         with torch.no_grad():       # as if trained: move the learnable quantizer parameters
             for p in fq.weight_quantizer.parameters(): p.add_(0.3 * torch.rand_like(p) * p.abs().mean())
@@ -352,8 +354,8 @@ def mixed_fake_quant_mlp():
     m = mlp(0)
     m[0] = FakeQuantLinear.from_linear(m[0], 'int4-g32')
     m[2] = FakeQuantLinear.from_linear(m[2], 'nvfp4', a_spec='int8-token')
-    m[4] = FakeQuantLinear.from_linear(m[4], 'int3-g32-asym', mode='lsq')
-    with torch.no_grad(): m[4].weight_quantizer.step.mul_(1.1)
+    m[4] = FakeQuantLinear.from_linear(m[4], 'int3-g32-asym', mode='learned')
+    with torch.no_grad(): m[4].weight_quantizer.scale.mul_(1.1)
     return m   # m[6] stays nn.Linear (FP32), m[5] LayerNorm
 
 

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kdq_bench.losses import (DIVERGENCES, TopKLogits, distill_loss, teacher_confidence, row_losses, auto_chunk, shift_targets,
-                              causal_lm_loss, feature_loss, grid_step, layer_quant_error, quant_penalty, soft_target_entropy,
+                              causal_lm_loss, feature_loss, layer_quant_error, quant_penalty, soft_target_entropy,
                               check_soft_targets, entropy_sweep, LossSchedule, JointLoss)
 from kdq_bench.quantizers import (quantize_model, quantize, dequantize, fake_quant, fake_quant_layers, set_quant_enabled,
                                   NF4_CODEBOOK, FP4_E2M1_CODEBOOK)
 from kdq_bench.hooks import FeatureCapture, layer_pairs, build_projectors, pair_key
+from references import brute_step
 
 torch.set_num_threads(1)
 
@@ -276,34 +277,8 @@ def test_feature_losses_against_formulas():
 
 
 # --- L_quant -----------------------------------------------------------------------------------------------------------
-def brute_step(w, fmt):
-    "Width of the grid cell [c_i, c_i+1) holding each element, from the format's sorted representable values."
-    qt = quantize(w, fmt); spec = qt.spec
-    if spec.kind == 'int': book = torch.arange(spec.qmin, spec.qmax + 1).float()
-    elif spec.kind == 'nf4': book = NF4_CODEBOOK
-    elif spec.kind == 'fp8':
-        allv = torch.arange(256, dtype=torch.uint8).view({'e4m3': torch.float8_e4m3fn, 'e5m2': torch.float8_e5m2}[spec.fp8]).float()
-        book = allv[allv.isfinite()].unique()
-    else: book = FP4_E2M1_CODEBOOK.unique()
-    g = spec.group_size if spec.granularity == 'group' else w.shape[1]
-    out = torch.empty_like(w)
-    for r in range(w.shape[0]):
-        for gi, c0 in enumerate(range(0, w.shape[1], g)):
-            scale = qt.scale[0 if spec.granularity == 'tensor' else r, gi if spec.granularity == 'group' else 0]
-            if qt.global_scale is not None: scale = scale * qt.global_scale
-            u = w[r, c0:c0 + g] / scale
-            i = (torch.searchsorted(book, u, right=True) - 1).clamp(0, len(book) - 2)
-            out[r, c0:c0 + g] = (book[i + 1] - book[i]) * scale
-    return out
-
 FORMATS = ['int8', 'int4', 'int4-g32', 'int4-g128-asym', 'int3-g64', 'int2-g64-asym', 'int4-tensor', 'nf4-g64', 'mxfp4', 'nvfp4',
            'fp8-e4m3', 'fp8-e5m2', 'fp8-e4m3-ch']
-
-
-@pytest.mark.parametrize('fmt', FORMATS)
-def test_grid_step_against_brute_force(fmt):
-    w = torch.randn(6, 160, generator=torch.Generator().manual_seed(0)) * 0.05
-    torch.testing.assert_close(grid_step(quantize(w, fmt), w), brute_step(w, fmt), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize('fmt', FORMATS)
@@ -354,10 +329,10 @@ def test_penalty_independent_of_quant_switch_and_modes():
     a = quant_penalty(net).item()
     set_quant_enabled(net, False)
     assert quant_penalty(net).item() == a
-    for mode in ('lsq', 'clip'):
+    for mode in ('frozen', 'learned', 'clip'):
         torch.manual_seed(0)
         n2 = quantize_model(nn.Sequential(nn.Linear(64, 32)), 'int4-g16', ignore=(), mode=mode)
-        assert quant_penalty(n2).item() == pytest.approx(a, rel=1e-5)     # both start equal to the absmax quantizer
+        assert quant_penalty(n2).item() == pytest.approx(a, rel=1e-5)     # all start equal to the absmax quantizer
         set_quant_enabled(n2, False); assert quant_penalty(n2).item() == pytest.approx(a, rel=1e-5)
         assert n2[0].weight_quantizer.enabled is False                     # the switch is restored
     assert quant_penalty(nn.Sequential(nn.Linear(3, 3))).item() == 0.0
@@ -544,8 +519,10 @@ def test_joint_loss_no_teacher_topk_and_observe(pair_models):
     tk = TopKLogits.from_logits(t_logits, 61)
     o1, o2 = joint(50, s_logits, ids, tk), joint(50, s_logits, ids, t_logits)
     assert o1['distill'].item() == pytest.approx(o2['distill'].item(), rel=1e-5, abs=1e-6)   # float32 KL of ~0.01 from log-probs of ~4
-    assert sch._ratio_n == 2                          # training mode: every call is observed
-    joint.eval(); joint(50, s_logits, ids, t_logits); assert sch._ratio_n == 2
+    assert sch._ratio_n == 0                          # calls never observe: the step's end does, once
+    rec = joint.end_step(50, o1['task'].item(), o1['distill'].item(), 0.0, o1['quant'].item())
+    assert sch._ratio_n == 1 and rec['ratio'] == pytest.approx(o1['ratio'], rel=1e-6)
+    joint.end_step(51, o1['task'].item(), 0.0, 0.0, 0.0, distilling=False); assert sch._ratio_n == 1   # no teacher: nothing observed
     with pytest.raises(ValueError, match='not captured'):
         JointLoss(sch, feature_pairs=[('a', 'b')], feature_weight=1.0)(50, s_logits, ids, t_logits, s_feats={}, t_feats={})
     with pytest.raises(ValueError, match='expected one of'): JointLoss(sch, 'kl')

@@ -5,24 +5,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from kdq_bench.data import batch_at, num_windows
+from kdq_bench.data import batch_at, num_windows, window_ids, windows
 from kdq_bench.quantizers import quantize_model, fake_quant_layers, fake_quant, FakeQuantLinear
-from kdq_bench.losses import quant_penalty
-from kdq_bench.trainer import (TrainConfig, Trainer, TrainingDiverged, TeacherCache, QuantPenaltyHooks, lr_at, window_ids,
-                               windows, weights_hash, list_checkpoints, latest_checkpoint, load_student_weights, OptimizerConfig,
-                               _enable_checkpointing)
+from kdq_bench.losses import quant_penalty, QuantPenaltyHooks
+from kdq_bench.teacher_cache import TeacherCache, weights_hash
+from kdq_bench.testing import tiny_llama
+from kdq_bench.trainer import (TrainConfig, Trainer, TrainingDiverged, lr_at, list_checkpoints, latest_checkpoint,
+                               load_student_weights, OptimizerConfig, _enable_checkpointing)
 
 torch.set_num_threads(1)
 FIXTURE = Path(__file__).parent/'fixtures'/'training_config.yaml'
 V = 97
 
 def tiny(seed=0, vocab=V, hidden=32, layers=2):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab=vocab, hidden=hidden, layers=layers, intermediate=64, heads=2, kv_heads=2, seed=seed)
 
 def toks(n=4096, seed=0):
     return (np.cumsum(np.random.default_rng(seed).integers(1, 4, n)) % V).astype(np.int32)
@@ -224,15 +220,17 @@ def test_shared_parameters_rejected(teacher, tokens):
     with pytest.raises(ValueError, match='share'):
         Trainer(cfg(**{'training.method': 'kd'}), teacher=teacher, student=teacher, train_tokens=tokens, progress=False)
 
-@pytest.mark.parametrize('start, expect', [(None, 1), (0, 0), (4, 4), (0.5, 10), (1.0, 20)])
+@pytest.mark.parametrize('start, expect', [(None, 1), (0, 0), (4, 4), (0.5, 10), (0.95, 19)])
 def test_fake_quant_switches_on_at_start(teacher, tokens, start, expect):
-    "None: at the end of the warm-up (5% of 20 steps = 1 step); an int is a step; a float a fraction of the steps."
+    "None: at the end of the warm-up (5% of 20 steps = 1 step); an int is a step; a float a fraction of the steps; never is an error."
     seen = []
     tr = Trainer(cfg(**{'quantization.fake_quant_start': start, 'training.steps': 20}), teacher=teacher, train_tokens=tokens, progress=False,
                  callbacks=[lambda r: seen.append((r['quant_enabled'], {m.weight_quantizer.enabled for m in fake_quant_layers(tr.student).values()}))])
     tr.fit()
     assert [e for e, _ in seen] == [s >= expect for s in range(20)]
     assert all(layers == {e} for e, layers in seen)
+    for never in (1.0, 20, 25):
+        with pytest.raises(ValueError, match='would never quantize'): cfg(**{'quantization.fake_quant_start': never, 'training.steps': 20})
 
 def test_warmup_student_is_full_precision(teacher, tokens):
     "While fake quantization is off the student computes exactly what its FP weights compute."
@@ -254,7 +252,7 @@ def test_methods(tokens):
     kd = fit(cfg(**{'training.method': 'kd', 'training.steps': 3}), t, tokens)
     assert not fake_quant_layers(kd.student) and all(h['quant'] == 0 for h in kd.history)
     assert kd.history[0]['distill'] == 0 and kd.history[-1]['distill'] > 0      # an exact copy first, then it moves
-    fp = fit(cfg(**{'training.method': 'fp', 'training.steps': 3}), t, tokens)
+    fp = fit(cfg(**{'training.method': 'fp-control', 'training.steps': 3}), t, tokens)
     assert all(h['quant'] == 0 and h['distill'] == 0 and h['loss'] == h['task'] for h in fp.history)
 
 def test_grad_accumulation_equals_full_batch(teacher, tokens):
@@ -336,9 +334,9 @@ def test_checkpoint_files_pruning_and_no_temporaries(teacher, tokens, tmp_path):
     r = fit(cfg(**{'training.output_dir': str(tmp_path), 'training.steps': 10, 'training.checkpoint_every': 3,
                    'training.keep_checkpoints': 2}), teacher, tokens)
     assert [p.name for p in list_checkpoints(tmp_path)] == ['step-00000009', 'step-00000010']
-    assert sorted(p.name for p in (tmp_path/'checkpoints').iterdir()) == ['step-00000009', 'step-00000010']   # nothing half-written
+    assert sorted(p.name for p in (tmp_path/'checkpoints').iterdir()) == ['step-00000009', 'step-00000010']   # nothing half-written, no temporary
     ck = r.checkpoint
-    assert sorted(p.name for p in ck.iterdir()) == ['optimizer.pt', 'rng.safetensors', 'student.safetensors', 'trainer_state.json']
+    assert sorted(p.name for p in ck.iterdir()) == ['.kdq_bench.json', 'manifest.json', 'optimizer.pt', 'rng.safetensors', 'student.safetensors', 'trainer_state.json']
     state = json.loads((ck/'trainer_state.json').read_text())
     assert state['step'] == 10 and state['teacher_hash'] == weights_hash(teacher)
     osd = torch.load(ck/'optimizer.pt', weights_only=True)
