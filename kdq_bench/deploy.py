@@ -14,13 +14,15 @@ import torch.nn as nn
 import gguf
 from gguf import GGMLQuantizationType as GT
 from safetensors.torch import save_file
-from .quantizers import QuantSpec, QTensor, FakeQuantLinear, fake_quant_layers
-from .export import layer_qtensor, e8m0_encode
+from .quantizers import QuantSpec, QTensor, FakeQuantLinear, fake_quant_layers, linear_layers
+from .export import e8m0_encode
+from .files import atomic_file, atomic_dir
 
 # %% auto #0
-__all__ = ['GGUF_EXACT', 'GGUF_DENSE', 'CT_FORMATS', 'ggml_type', 'pack_ggml', 'rope_permutation', 'tokenizer_metadata',
-           'export_gguf', 'gguf_state_dict', 'ct_args', 'ct_compress', 'export_compressed_tensors', 'llama_cpp_model',
-           'llama_cpp_logits', 'llama_cpp_nll', 'llama_cpp_decode']
+__all__ = ['GGUF_EXACT', 'GGUF_DENSE', 'CT_FORMATS', 'DEPLOY_TARGETS', 'ggml_type', 'pack_ggml', 'rope_permutation',
+           'tokenizer_metadata', 'export_gguf', 'gguf_state_dict', 'ct_args', 'ct_compress',
+           'export_compressed_tensors', 'check_deployable', 'llama_cpp_model', 'llama_cpp_logits', 'llama_cpp_nll',
+           'llama_cpp_decode']
 
 # %% ../nbs/01a_deploy.ipynb #eb8f1550
 GGUF_EXACT = {'gguf-q4_0': GT.Q4_0, 'gguf-q8_0': GT.Q8_0, 'mxfp4': GT.MXFP4}
@@ -29,8 +31,7 @@ def ggml_type(spec:QuantSpec|str, # weight format
              ) -> GT:
     "The ggml block type that holds weights in format `spec` exactly (no re-quantization)."
     spec = QuantSpec.parse(spec)
-    if spec.kind == 'gguf' and f"gguf-{getattr(spec, 'ggml', '')}" in GGUF_EXACT: return GGUF_EXACT[f'gguf-{spec.ggml}']
-    if spec.kind == 'mxfp4': return GT.MXFP4
+    if str(spec) in GGUF_EXACT: return GGUF_EXACT[str(spec)]
     hint = " ('int4-g32' has Q4_0's block shape but fp32 scales and another rounding: use 'gguf-q4_0')" if spec.kind == 'int' else ''
     raise ValueError(f"GGUF cannot hold {spec} exactly; the kdq_bench formats it holds without re-quantization are "
                      f"{', '.join(GGUF_EXACT)}{hint}")
@@ -168,12 +169,19 @@ def _rope_heads(h:dict) -> dict:
     "🤗 module name -> heads for the Q and K projections."
     return {f'model.layers.{i}.self_attn.{p}_proj': n for i in range(h['layers']) for p, n in (('q', h['heads']), ('k', h['kv']))}
 
-def _check_gguf_layers(layers:dict):
-    for n, m in layers.items():
-        if m.a_spec is not None:
-            raise ValueError(f"{n} quantizes its inputs ({m.a_spec}); GGUF stores weights only (llama.cpp picks its activation format itself)")
-        ggml_type(m.w_spec)
-        if m.in_features % 32: raise ValueError(f"{n} has {m.in_features} inputs; ggml blocks need a multiple of 32")
+def _plan(layers:dict) -> dict:
+    "name -> (weight format, input format, inputs) of fake-quantized linears."
+    return {n: (m.w_spec, m.a_spec, m.in_features) for n, m in layers.items()}
+
+def _check_gguf(plan:dict):
+    for n, (w, a, k) in plan.items():
+        if a is not None: raise ValueError(f"{n} quantizes its inputs ({a}); GGUF stores weights only (llama.cpp picks its activation format itself)")
+        ggml_type(w)
+        if k % 32: raise ValueError(f"{n} has {k} inputs; ggml blocks need a multiple of 32")
+
+def _check_vocab(meta:dict, model):
+    n_tok, n_vocab = len(meta['tokenizer.ggml.tokens']), model.get_input_embeddings().weight.shape[0]
+    if n_tok != n_vocab: raise ValueError(f"the tokenizer has {n_tok} tokens, the model's embedding {n_vocab} rows; expected one vocabulary")
 
 # %% ../nbs/01a_deploy.ipynb #f57b35ca
 def _quantized_tensors(layers:dict, nmap, rope:dict, verify:bool):
@@ -181,7 +189,7 @@ def _quantized_tensors(layers:dict, nmap, rope:dict, verify:bool):
     for mname, m in layers.items():
         gname, perm = nmap.get_name(mname), rope.get(mname)
         if gname is None: raise ValueError(f"no GGUF tensor name for {mname!r}")
-        qt = layer_qtensor(m)
+        qt = m.qtensor()   # codes and scales of exactly the weight the layer multiplies by, whatever its quantizer
         if perm is not None: perm = rope_permutation(qt.shape[0], perm)
         data, t = pack_ggml(qt if perm is None else _permute_rows(qt, perm))
         if verify:
@@ -203,8 +211,8 @@ def _dense_tensors(model, layers:dict, nmap, rope:dict, tied:bool, dtype):
         yield f'{gname}.{suffix}', a.numpy().astype(np.float32 if a.dim() == 1 else dtype)
 
 # %% ../nbs/01a_deploy.ipynb #a3195847
-def export_gguf(student:nn.Module, # a fake-quantized Llama (transformers LlamaForCausalLM after `quantize_model`)
-                path, # the .gguf file to write
+def export_gguf(student:nn.Module, # a fake-quantized Llama (transformers LlamaForCausalLM after `quantize_model` or a PTQ method)
+                path, # the .gguf file to write (replaced atomically)
                 tokenizer, # its 🤗 byte-level BPE tokenizer, a GGUF file to copy the tokenizer from, or `tokenizer_metadata`'s dict
                 dense:str='f32', # type of the other tensors: 'f32' (lossless) or 'f16'
                 pre:str|None=None, # llama.cpp pre-tokenizer name (None: read from the tokenizer)
@@ -214,20 +222,19 @@ def export_gguf(student:nn.Module, # a fake-quantized Llama (transformers LlamaF
     "Write `student` as one GGUF file llama.cpp loads: hyperparameters, tokenizer, linears in their ggml types; returns the path."
     h, layers = _llama_hparams(student), fake_quant_layers(student)
     if dense not in GGUF_DENSE: raise ValueError(f"dense must be one of {list(GGUF_DENSE)}, got {dense!r}")
-    _check_gguf_layers(layers)
-    meta, n_vocab = tokenizer_metadata(tokenizer, pre), student.get_input_embeddings().weight.shape[0]
-    if len(meta['tokenizer.ggml.tokens']) != n_vocab:
-        raise ValueError(f"the tokenizer has {len(meta['tokenizer.ggml.tokens'])} tokens, the model's embedding {n_vocab} rows; expected one vocabulary")
+    _check_gguf(_plan(layers))
+    meta = tokenizer_metadata(tokenizer, pre)
+    _check_vocab(meta, student)
     path, nmap, rope = Path(path), gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, h['layers']), _rope_heads(h)
     tied = bool(getattr(h['cfg'], 'tie_word_embeddings', False)) and 'lm_head' not in layers
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), 'llama')
-    _write_hparams(w, h, n_vocab, name)
-    w.add_file_type(_file_type({ggml_type(m.w_spec) for m in layers.values()}, dense))
-    _write_fields(w, meta)
-    for gname, data, t in _quantized_tensors(layers, nmap, rope, verify): w.add_tensor(gname, data, raw_dtype=t)
-    for gname, a in _dense_tensors(student, layers, nmap, rope, tied, GGUF_DENSE[dense]): w.add_tensor(gname, a)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with atomic_file(path) as tmp:     # a failed or interrupted export leaves no partial file behind
+        w = gguf.GGUFWriter(str(tmp), 'llama')
+        _write_hparams(w, h, student.get_input_embeddings().weight.shape[0], name)
+        w.add_file_type(_file_type({ggml_type(m.w_spec) for m in layers.values()}, dense))
+        _write_fields(w, meta)
+        for gname, data, t in _quantized_tensors(layers, nmap, rope, verify): w.add_tensor(gname, data, raw_dtype=t)
+        for gname, a in _dense_tensors(student, layers, nmap, rope, tied, GGUF_DENSE[dense]): w.add_tensor(gname, a)
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     return path
 
 # %% ../nbs/01a_deploy.ipynb #039b7338
@@ -294,7 +301,7 @@ def ct_compress(layer:FakeQuantLinear, # a fake-quantized linear in a format `ct
     from compressed_tensors.quantization import QuantizationScheme
     scheme = QuantizationScheme(targets=['Linear'], weights=ct_args(layer.w_spec, layer.in_features))
     with torch.no_grad(): w = layer.quantized_weight().detach().float().cpu()
-    params = _ct_params(layer_qtensor(layer))
+    params = _ct_params(layer.qtensor())
     out = PQC.compress({'weight': w, **params}, scheme)
     if verify:
         back = PQC.decompress({**out, 'weight_scale': params['weight_scale']}, scheme)['weight']
@@ -302,20 +309,27 @@ def ct_compress(layer:FakeQuantLinear, # a fake-quantized linear in a format `ct
     return out, scheme
 
 # %% ../nbs/01a_deploy.ipynb #4396c9a9
+def _check_ct(plan:dict):
+    for n, (w, a, k) in plan.items():
+        if a is not None: raise ValueError(f"{n} quantizes its inputs ({a}); pack-quantized W4A16/W8A16 keeps inputs in full precision")
+        ct_args(w, k)
+    if len(specs := sorted({str(w) for w, _, _ in plan.values()})) > 1:
+        raise ValueError(f"one weight format per checkpoint, found {specs}: transformers' compressed-tensors loader applies "
+                         "a single scheme to all dense layers")
+
+def _check_transformers(model):
+    if not hasattr(getattr(model, 'config', None), 'to_json_file'): raise ValueError("expected a transformers model (with a config)")
+
 def _ct_config(layers:dict, linears:list):
     "The compressed-tensors QuantizationConfig: one scheme for every quantized linear, `ignore` for the others."
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
-    specs = sorted({str(m.w_spec) for m in layers.values()})
-    if len(specs) > 1:
-        raise ValueError(f"one weight format per checkpoint, found {specs}: transformers' compressed-tensors loader applies "
-                         "a single scheme to all dense layers")
     scheme = QuantizationScheme(targets=['Linear'], weights=ct_args(next(iter(layers.values())).w_spec))
     return QuantizationConfig(config_groups={'group_0': scheme}, format='pack-quantized', quantization_status=QuantizationStatus.COMPRESSED,
                               ignore=[n for n in linears if n not in layers])
 
 # %% ../nbs/01a_deploy.ipynb #8e548383
-def export_compressed_tensors(student:nn.Module, # a fake-quantized 🤗 causal LM (after `quantize_model`)
-                              path, # output folder (created)
+def export_compressed_tensors(student:nn.Module, # a fake-quantized 🤗 causal LM (after `quantize_model` or a PTQ method)
+                              path, # output folder (new, empty, or one this function wrote; replaced atomically)
                               tokenizer=None, # its 🤗 tokenizer, saved alongside when given
                               verify:bool=True, # decompress every layer with compressed-tensors and compare bit for bit
                              ) -> Path:
@@ -323,22 +337,48 @@ def export_compressed_tensors(student:nn.Module, # a fake-quantized 🤗 causal 
     from compressed_tensors.compressors import ModelCompressor
     layers = fake_quant_layers(student)
     if not layers: raise ValueError("found no FakeQuantLinear in the model; quantize it first with quantize_model(model, weights=...)")
-    if not hasattr(getattr(student, 'config', None), 'to_json_file'): raise ValueError("expected a transformers model (with a config)")
-    for n, m in layers.items():
-        if m.a_spec is not None: raise ValueError(f"{n} quantizes its inputs ({m.a_spec}); pack-quantized W4A16/W8A16 keeps inputs in full precision")
-        ct_args(m.w_spec, m.in_features)
+    _check_transformers(student); _check_ct(_plan(layers))
     qc = _ct_config(layers, [n for n, m in student.named_modules() if isinstance(m, nn.Linear)])
     sd = {f'{n}.{k}': v for n, m in layers.items() for k, v in ct_compress(m, verify)[0].items()}
     tied = bool(getattr(student.config, 'tie_word_embeddings', False))
     for k, v in student.state_dict().items():
         if k.rpartition('.')[0] in layers or any(k.startswith(n + '.') for n in layers) or (k == 'lm_head.weight' and tied): continue
         sd[k] = v.detach().cpu().contiguous()
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path / 'model.safetensors'), metadata={'format': 'pt'})
-    student.config.to_json_file(str(path / 'config.json'))
-    ModelCompressor(quantization_config=qc).update_config(str(path))
-    if tokenizer is not None: tokenizer.save_pretrained(str(path))
-    return path
+    with atomic_dir(path, kind='compressed-tensors') as tmp:
+        save_file(sd, str(tmp / 'model.safetensors'), metadata={'format': 'pt'})
+        student.config.to_json_file(str(tmp / 'config.json'))
+        ModelCompressor(quantization_config=qc).update_config(str(tmp))
+        if tokenizer is not None: tokenizer.save_pretrained(str(tmp))
+    return Path(path)
+
+# %% ../nbs/01a_deploy.ipynb #a506f69d
+DEPLOY_TARGETS = ('gguf', 'compressed-tensors')
+
+def _targets(targets) -> list:
+    ts = [t.strip() for t in targets.split(',')] if isinstance(targets, str) else list(targets)
+    if not ts or [t for t in ts if t not in DEPLOY_TARGETS]: raise ValueError(f"deploy targets are among {DEPLOY_TARGETS}, got {targets!r}")
+    return ts
+
+# %% ../nbs/01a_deploy.ipynb #6d744b45
+def check_deployable(model:nn.Module, # a 🤗 causal LM: full precision (pass `weights`) or fake-quantized
+                     targets='gguf,compressed-tensors', # 'gguf' and/or 'compressed-tensors' (a list, or comma-separated)
+                     weights:QuantSpec|str|None=None, # the weight format its linears will get (None: the model's FakeQuantLinear layers)
+                     acts:QuantSpec|str|None=None, # the input format they will get
+                     ignore=('lm_head',), # linears that stay in full precision (with `weights`)
+                     tokenizer=None, # GGUF: what `export_gguf` will get as `tokenizer` (checked against the vocabulary)
+                    ) -> list:
+    "Raise the exporters' own ValueError now if `model` (in format `weights`) could not be exported to `targets`; returns the targets."
+    ts = _targets(targets)
+    if weights is None: plan = _plan(fake_quant_layers(model))
+    else:
+        w, a = QuantSpec.parse(weights), None if acts is None else QuantSpec.parse(acts)
+        plan = {n: (w, a, m.in_features) for n, m in linear_layers(model, ignore).items()}
+    if not plan: raise ValueError("found no linear layer to export: pass a full-precision model with weights=..., or a fake-quantized student")
+    if 'gguf' in ts:
+        _llama_hparams(model); _check_gguf(plan)
+        if tokenizer is not None: _check_vocab(tokenizer_metadata(tokenizer), model)
+    if 'compressed-tensors' in ts: _check_transformers(model); _check_ct(plan)
+    return ts
 
 # %% ../nbs/01a_deploy.ipynb #3468896c
 def llama_cpp_model(path, # a GGUF file

@@ -2,11 +2,11 @@
 
 Independent readers: the `gguf` package (`GGUFReader`, `gguf.quants.dequantize`: ggml's reference code ported to
 numpy), transformers' GGUF loader (its own Q/K reordering and tokenizer conversion), and transformers +
-compressed-tensors (`CompressedTensorsConfig(dequantize=True)`). llama.cpp itself runs in the slow test and in
-benchmarks/bench_deploy.py.
+compressed-tensors (`CompressedTensorsConfig(dequantize=True)`). llama.cpp itself runs in the slow tests and in
+benchmarks/bench_deploy.py. Students come from kdq_bench's own formats and quantizers: round to nearest
+(`quantize_model`), learned scales (`set_quantizer_mode(..., 'learned')`, trained a few steps) and GPTQ.
 """
 import copy, json, os
-from dataclasses import dataclass
 
 import gguf
 import numpy as np
@@ -17,46 +17,40 @@ from gguf import GGMLQuantizationType as GT
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
 from kdq_bench.deploy import (ggml_type, pack_ggml, rope_permutation, tokenizer_metadata, export_gguf, gguf_state_dict,
-                              ct_args, ct_compress, export_compressed_tensors, GGUF_EXACT)
-from kdq_bench.quantizers import QuantSpec, QTensor, quantize, dequantize, fake_quant, quantize_model, fake_quant_layers
+                              ct_args, ct_compress, export_compressed_tensors, check_deployable, GGUF_EXACT)
+from kdq_bench.quantizers import (QTensor, quantize, dequantize, fake_quant, quantize_model, fake_quant_layers,
+                                  set_quantizer_mode)
+from kdq_bench.ptq import gptq
 from kdq_bench.testing import tiny_llama, random_tokens
 
 TEXT = "To be, or not to be: that is the question. Whether 'tis nobler 1599 in the mind to suffer\n\nthe slings"
 
 
-# ---- stand-in for the lead's 'gguf-q4_0' / 'gguf-q8_0' formats until they land in kdq_bench.quantizers:
-# ggml's reference quantizer (gguf.quants.quantize) read back into a QTensor, behind a FakeQuantLinear.
-@dataclass(frozen=True)
-class _GGMLSpec(QuantSpec):
-    ggml: str = 'q4_0'
-    def __str__(self): return f'gguf-{self.ggml}'
-
-def _ggml_qtensor(w, ggml):
-    t = {'q4_0': GT.Q4_0, 'q8_0': GT.Q8_0}[ggml]
-    out, n = w.shape
-    b = gguf.quants.quantize(w.detach().float().cpu().numpy(), t).reshape(out, n // 32, -1)
-    d = torch.from_numpy(b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
-    if ggml == 'q4_0': q = np.concatenate([b[..., 2:] & 15, b[..., 2:] >> 4], -1).astype(np.int16) - 8
-    else: q = b[..., 2:].copy().view(np.int8).astype(np.int16)
-    spec = _GGMLSpec('gguf', 4 if ggml == 'q4_0' else 8, 'group', 32, True, None, ggml)
-    return QTensor(spec, (out, n), torch.from_numpy(q.reshape(out, n)).to(torch.int8), d)
-
-class _GGMLQuantizer(nn.Module):
-    def __init__(self, ggml): super().__init__(); self.ggml, self.enabled = ggml, True
-    def qtensor(self, w): return _ggml_qtensor(w, self.ggml)
-    def forward(self, w):
-        qt = self.qtensor(w)
-        return (qt.codes.float().view(qt.shape[0], -1, 32) * qt.scale.unsqueeze(-1)).reshape(qt.shape).to(w.dtype)
-
 def _student(model, fmt, **kw):
-    "A fake-quantized copy of `model` in `fmt` ('gguf-q4_0'/'gguf-q8_0' through the stand-in)."
-    s = copy.deepcopy(model)
-    if not fmt.startswith('gguf-'): return quantize_model(s, fmt, **kw)
-    quantize_model(s, 'int4-g32', **kw)
-    for m in fake_quant_layers(s).values():
-        m.weight_quantizer = _GGMLQuantizer(fmt[5:])
-        m.w_spec = _ggml_qtensor(m.weight[:1, :32], fmt[5:]).spec
+    "A fake-quantized copy of `model` in `fmt` (round to nearest, or `mode=`)."
+    return quantize_model(copy.deepcopy(model), fmt, **kw)
+
+
+def _learned(model, fmt, steps=3, seed=0):
+    "A learned-scale (LSQ) student trained a few steps on the LM loss: weights and scales move off round to nearest."
+    s = set_quantizer_mode(_student(model, fmt), 'learned')
+    opt = torch.optim.Adam(s.parameters(), lr=2e-3)
+    x = torch.from_numpy(random_tokens(128, model.config.vocab_size, seed=seed)).long().view(4, 32)
+    for _ in range(steps):
+        loss = s(x, labels=x).loss; opt.zero_grad(); loss.backward(); opt.step()
     return s
+
+
+def _gptq(model, fmt, masters='grid'):
+    "A GPTQ'd student (calibrated on random tokens): frozen grids whose codes round to nearest would not choose."
+    calib = torch.from_numpy(random_tokens(8 * 32, model.config.vocab_size, seed=5)).long().view(8, 32)
+    return gptq(copy.deepcopy(model), calib, weights=fmt, progress=False, masters=masters)
+
+
+def _off_rtn(student):
+    "Layers whose fake-quantized weight is not round to nearest of their master weight."
+    with torch.no_grad():
+        return [n for n, m in fake_quant_layers(student).items() if not torch.equal(m.quantized_weight(), fake_quant(m.weight, m.w_spec))]
 
 
 def _fake_quant_state(student):
@@ -74,7 +68,7 @@ def teacher(tiny_teacher):
 
 # ------------------------------------------------------------------ GGUF: formats and blocks
 def test_ggml_type_names_what_gguf_holds():
-    assert ggml_type('mxfp4') == GT.MXFP4
+    assert [ggml_type(f) for f in ('gguf-q4_0', 'gguf-q8_0', 'mxfp4')] == [GT.Q4_0, GT.Q8_0, GT.MXFP4]
     for f in ('int4-g32', 'int4-g128', 'int8', 'nf4-g64', 'nvfp4', 'fp8-e4m3'):
         with pytest.raises(ValueError, match='gguf-q4_0, gguf-q8_0, mxfp4'): ggml_type(f)
     assert list(GGUF_EXACT) == ['gguf-q4_0', 'gguf-q8_0', 'mxfp4']
@@ -82,11 +76,11 @@ def test_ggml_type_names_what_gguf_holds():
 
 @pytest.mark.parametrize("ggml", ['q4_0', 'q8_0'])
 def test_pack_ggml_reproduces_ggml_reference_bytes(ggml):
-    "Codes and scales from ggml's reference quantizer, packed by kdq_bench, are ggml's own bytes."
+    "kdq_bench's round to nearest in gguf-q4_0/q8_0, packed by kdq_bench, is ggml's reference quantizer byte for byte."
     w = torch.randn(24, 96) * 0.05
     w[0, :32] = 0                      # an all-zero block (d = 0)
     w[1, 5] = -1.0                     # a block whose largest magnitude is negative
-    blocks, t = pack_ggml(_ggml_qtensor(w, ggml))
+    blocks, t = pack_ggml(quantize(w, f'gguf-{ggml}'))
     ref = gguf.quants.quantize(w.numpy(), {'q4_0': GT.Q4_0, 'q8_0': GT.Q8_0}[ggml])
     assert t.name == ggml.upper() and blocks.dtype == np.uint8
     np.testing.assert_array_equal(blocks, ref)
@@ -103,7 +97,7 @@ def test_pack_ggml_mxfp4_is_read_back_by_ggml():
 
 
 def test_pack_ggml_refuses_what_the_blocks_cannot_hold():
-    qt = _ggml_qtensor(torch.randn(4, 64), 'q4_0')
+    qt = quantize(torch.randn(4, 64), 'gguf-q4_0')
     with pytest.raises(ValueError, match='fp16'): pack_ggml(QTensor(qt.spec, qt.shape, qt.codes, qt.scale * (1 + 2**-20)))
     with pytest.raises(ValueError, match=r'\[-8, 7\]'): pack_ggml(QTensor(qt.spec, qt.shape, qt.codes.clamp(min=0) + 8, qt.scale))
     with pytest.raises(ValueError, match='32 inputs'): pack_ggml(quantize(torch.randn(4, 48), 'mxfp4'))
@@ -165,6 +159,52 @@ def test_export_gguf_read_back_by_gguf_and_transformers(teacher, fmt, tmp_path):
     assert tok_back(TEXT)['input_ids'] == tok(TEXT)['input_ids']
 
 
+@pytest.mark.parametrize("fmt", ['gguf-q4_0', 'gguf-q8_0'])
+def test_export_gguf_bytes_are_ggml_reference_quantization(teacher, fmt, tmp_path):
+    """A round-to-nearest student's file holds, for every linear, exactly the bytes ggml's reference quantizer
+    (`gguf.quants.quantize`) writes for that weight in GGUF's row order (Q/K rows permuted as llama.cpp's converter does)."""
+    tok = teacher.tokenizer
+    model = tiny_llama(vocab=len(tok), hidden=64, layers=2, heads=4, kv_heads=2, tie=False)
+    student = _student(model, fmt, ignore=())
+    f = export_gguf(student, tmp_path / 's.gguf', tok)
+    raw = {t.name: (t.tensor_type, np.array(t.data)) for t in gguf.GGUFReader(str(f)).tensors}
+    heads = {'q_proj': 4, 'k_proj': 2}
+    for n, m in fake_quant_layers(student).items():
+        w = m.weight.detach()
+        if (p := n.rpartition('.')[2]) in heads: w = w[rope_permutation(w.shape[0], heads[p])]
+        t, data = raw[_gguf_name(n) + '.weight']
+        assert t == ggml_type(fmt), n
+        np.testing.assert_array_equal(data, gguf.quants.quantize(w.numpy(), t), err_msg=n)
+
+
+def _gguf_name(hf):
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 64).get_name(hf)
+
+
+@pytest.mark.parametrize("kind", ['learned', 'gptq', 'gptq-unrounded'])
+def test_export_trained_gguf_q4_0_students_read_back_exactly(teacher, kind, tmp_path):
+    """Learned-scale and GPTQ'd gguf-q4_0 students (grids round to nearest would not give) export to GGUF and to
+    compressed-tensors; ggml's dequantization, transformers' GGUF loader and compressed-tensors all read back exactly
+    `layer.quantized_weight()` and the student's logits."""
+    model, tok = teacher.model, teacher.tokenizer
+    student = _learned(model, 'gguf-q4_0') if kind == 'learned' else _gptq(model, 'gguf-q4_0', 'unrounded' if kind.endswith('unrounded') else 'grid')
+    layers = fake_quant_layers(student)
+    if kind == 'learned': assert _off_rtn(student) == list(layers)
+    else:   # GPTQ moved codes away from round to nearest of the original weights
+        orig = dict(model.named_modules())
+        with torch.no_grad(): assert any(not torch.equal(m.quantized_weight(), fake_quant(orig[n].weight, 'gguf-q4_0')) for n, m in layers.items())
+    f = export_gguf(student, tmp_path / f'{kind}.gguf', tok)
+    sd, ref = gguf_state_dict(f), _fake_quant_state(student)
+    assert [n for n in layers if not torch.equal(sd[n + '.weight'], ref[n + '.weight'])] == []
+    x = torch.from_numpy(random_tokens(48, len(tok), seed=6)).long().view(2, 24)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=f.name, dtype=torch.float32)
+    with torch.no_grad(): assert torch.equal(back(x).logits, student(x).logits)
+    ct = _load_ct(export_compressed_tensors(student, tmp_path / f'{kind}-ct'))
+    with torch.no_grad():
+        assert [n for n, m in layers.items() if not torch.equal(ct.get_submodule(n).weight, m.quantized_weight())] == []
+        assert torch.equal(ct(x).logits, student(x).logits)
+
+
 def test_export_gguf_grouped_query_attention_and_quantized_head(teacher, tmp_path):
     "Q and K reorder with different head counts; an untied quantized head is written as output.weight."
     tok = teacher.tokenizer
@@ -214,6 +254,42 @@ def test_export_gguf_refuses_before_writing(teacher, tmp_path):
     assert not f.exists()
 
 
+def test_export_gguf_failing_midway_keeps_the_previous_file(teacher, tmp_path):
+    "The file is replaced atomically: an export that fails while writing leaves the earlier file as it was, and no temporary."
+    model, tok = teacher.model, teacher.tokenizer
+    f = export_gguf(_student(model, 'gguf-q8_0'), tmp_path / 's.gguf', tok)
+    before = f.read_bytes()
+    bad = _student(model, 'gguf-q4_0')
+    with torch.no_grad(): fake_quant_layers(bad)['model.layers.0.mlp.down_proj'].weight[0, 0] = float('nan')
+    with pytest.raises(ValueError, match='NaN'): export_gguf(bad, f, tok)
+    assert f.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['s.gguf']
+
+
+@pytest.mark.parametrize("fmt", ['gguf-q4_0', 'gguf-q8_0', 'mxfp4', 'int4-g32', 'int4-g32-asym', 'int8', 'int4-g128', 'nf4-g64', 'int3-g32'])
+@pytest.mark.parametrize("target", ['gguf', 'compressed-tensors'])
+def test_check_deployable_agrees_with_the_exporters(teacher, fmt, target, tmp_path):
+    "Before quantizing: check_deployable(model, target, weights=fmt) raises exactly when the exporter would, with its message."
+    model, tok = teacher.model, teacher.tokenizer
+    export = (lambda s: export_gguf(s, tmp_path / 'x.gguf', tok)) if target == 'gguf' else (lambda s: export_compressed_tensors(s, tmp_path / 'x'))
+    try: export(_student(model, fmt)); err = None
+    except ValueError as e: err = str(e)
+    if err is None: assert check_deployable(model, target, weights=fmt, tokenizer=tok if target == 'gguf' else None) == [target]
+    else:
+        with pytest.raises(ValueError) as e: check_deployable(model, target, weights=fmt)
+        assert str(e.value) == err
+
+
+def test_check_deployable_refuses(teacher):
+    model, tok = teacher.model, teacher.tokenizer
+    with pytest.raises(ValueError, match='inputs'): check_deployable(model, 'gguf', weights='gguf-q4_0', acts='int8-token')
+    with pytest.raises(ValueError, match='vocabulary'):
+        check_deployable(tiny_llama(vocab=97, hidden=32, layers=1, heads=2), 'gguf', weights='gguf-q4_0', tokenizer=tok)
+    with pytest.raises(ValueError, match='Llama'): check_deployable(nn.Sequential(nn.Linear(32, 32)), 'gguf', weights='gguf-q4_0')
+    with pytest.raises(ValueError, match='targets'): check_deployable(model, 'gguf,onnx', weights='gguf-q4_0')
+    with pytest.raises(ValueError, match='no linear'): check_deployable(copy.deepcopy(model), 'gguf')   # FP model, no weights=
+    assert check_deployable(_learned(model, 'gguf-q4_0', steps=1)) == ['gguf', 'compressed-tensors']   # a student's own formats
+
+
 # ------------------------------------------------------------------ compressed-tensors
 def test_ct_args_names_what_it_can_express():
     a = ct_args('int4-g128-asym')
@@ -252,19 +328,14 @@ def test_export_compressed_tensors_loaded_by_transformers(teacher, fmt, tmp_path
 
 
 def test_export_compressed_tensors_learned_scales(teacher, tmp_path):
-    "An LSQ student whose scales moved off absmax: its own scales and codes are written, not re-derived ones."
+    "An LSQ student trained off round to nearest: its own scales and zero points are written, not re-derived ones."
     model = teacher.model
-    student = _student(model, 'int4-g32-asym', mode='lsq')
-    torch.manual_seed(0)
-    for m in fake_quant_layers(student).values():
-        with torch.no_grad(): m.weight_quantizer.step.mul_(1 + 0.2 * torch.rand_like(m.weight_quantizer.step))
+    student = _learned(model, 'int4-g32-asym')
+    assert _off_rtn(student) == list(fake_quant_layers(student))          # every layer left the absmax grid
     path = export_compressed_tensors(student, tmp_path / 'lsq')
     back = _load_ct(path)
     for n, m in fake_quant_layers(student).items():
-        with torch.no_grad():
-            w = m.quantized_weight()
-            assert not torch.equal(w, fake_quant(m.weight, 'int4-g32-asym'))   # not the absmax grid any more
-            assert torch.equal(back.get_submodule(n).weight, w), n
+        with torch.no_grad(): assert torch.equal(back.get_submodule(n).weight, m.quantized_weight()), n
     x = torch.from_numpy(random_tokens(64, model.config.vocab_size, seed=4)).long().view(2, 32)
     with torch.no_grad(): assert torch.equal(back(x).logits, student(x).logits)
 
@@ -287,6 +358,9 @@ def test_export_compressed_tensors_refuses(teacher, tmp_path):
     with pytest.raises(ValueError, match='divide'): export_compressed_tensors(_student(model, 'int4-g128'), tmp_path / 'no')
     with pytest.raises(ValueError, match='FakeQuantLinear'): export_compressed_tensors(copy.deepcopy(model), tmp_path / 'no')
     assert not (tmp_path / 'no').exists()
+    (tmp_path / 'theirs').mkdir(); (tmp_path / 'theirs' / 'notes.txt').write_text('keep')   # a folder kdq_bench did not write
+    with pytest.raises(ValueError, match='not empty'): export_compressed_tensors(_student(model, 'int8'), tmp_path / 'theirs')
+    assert [p.name for p in (tmp_path / 'theirs').iterdir()] == ['notes.txt']
     # an asymmetric group whose zero point falls outside the 4-bit range (all weights of one sign)
     s = _student(model, 'int4-g32-asym')
     lin = next(iter(fake_quant_layers(s).values()))
@@ -297,12 +371,13 @@ def test_export_compressed_tensors_refuses(teacher, tmp_path):
 # ------------------------------------------------------------------ llama.cpp itself (slow: needs the deploy extra)
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("KDQ_SLOW") != "1", reason="needs llama-cpp-python, the deploy extra (set KDQ_SLOW=1)")
-@pytest.mark.parametrize("fmt", ['gguf-q4_0', 'gguf-q8_0', 'mxfp4'])
-def test_llama_cpp_runs_the_export(teacher, fmt, tmp_path):
+@pytest.mark.parametrize("kind", ['gguf-q4_0', 'gguf-q8_0', 'mxfp4', 'learned gguf-q4_0', 'gptq gguf-q4_0'])
+def test_llama_cpp_runs_the_export(teacher, kind, tmp_path):
     from kdq_bench.deploy import llama_cpp_model, llama_cpp_logits, llama_cpp_nll
     from kdq_bench.evaluate import window_plan, perplexity
     model, tok = teacher.model, teacher.tokenizer
-    student = _student(model, fmt)
+    how, _, fmt = kind.rpartition(' ')
+    student = {'': _student, 'learned': _learned, 'gptq': _gptq}[how](model, fmt)
     f = export_gguf(student, tmp_path / 's.gguf', tok)
     llm = llama_cpp_model(f, n_ctx=32, n_threads=2)
     ids = tok(TEXT)['input_ids'][:32]
@@ -315,6 +390,7 @@ def test_llama_cpp_runs_the_export(teacher, fmt, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
     # llama.cpp tokenizes the text as the 🤗 tokenizer does
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tok(TEXT)['input_ids']
+    # the same perplexity in both engines, over the same windows
     stream = np.asarray(tok(TEXT * 8)['input_ids'], dtype=np.int64)
     plan = window_plan(len(stream), 32, 16)
     total, count = llama_cpp_nll(llm, stream, plan, 32)
