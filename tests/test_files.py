@@ -205,7 +205,9 @@ def test_record_refuses_outside_and_is_concurrency_safe(tmp_path):
     assert len(json.loads((run / MARKER).read_text())["files"]) == 60   # no entry lost to a concurrent update
 
 
-def test_atomic_dir_refuses_unowned_and_keeps_user_files(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False])   # the atomic swap (Linux), and the two-rename fallback
+def test_atomic_dir_refuses_unowned_and_keeps_user_files(tmp_path, monkeypatch, exchange):
+    if not exchange: monkeypatch.setattr(F, "_exchange", lambda a, b: False)
     user = tmp_path / "user"; user.mkdir(); (user / "notes.txt").write_text("mine")
     ran = []
     with pytest.raises(ValueError, match="not created by kdq_bench"):
