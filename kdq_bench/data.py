@@ -37,8 +37,8 @@ def cache_dir() -> Path:
 def duration(seconds:float) -> str:
     "A rough human duration: '40 s', '3 min', '1 h 05 min'."
     if seconds < 90: return f"{max(1, round(seconds))} s"
-    if seconds < 3600: return f"{round(seconds / 60)} min"
-    return f"{int(seconds // 3600)} h {round(seconds % 3600 / 60):02d} min"
+    m = round(seconds / 60)
+    return f"{m} min" if m < 60 else f"{m // 60} h {m % 60:02d} min"
 
 def first_use_message(what:str, # what starts, e.g. "cleaning corpus 'linux-docs' on first use"
                       seconds:float, # estimated duration
