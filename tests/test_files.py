@@ -141,6 +141,8 @@ def test_claim_refusals_before_any_work(tmp_path, monkeypatch):
     cases[str(other)] = "holds a kdq_bench 'train-run'"
     bad = tmp_path / "bad"; bad.mkdir(); (bad / MARKER).write_text("{nope")
     cases[str(bad)] = "marker .kdq_bench.json is unreadable"
+    odd = tmp_path / "odd"; odd.mkdir(); (odd / MARKER).write_text('{"kind": "study", "files": "notes.txt"}')
+    cases[str(odd)] = "marker .kdq_bench.json is unreadable"
     here = tmp_path / "work" / "sub"; here.mkdir(parents=True); monkeypatch.chdir(here)
     cases[str(here)] = cases["."] = cases[str(tmp_path / "work")] = "current working directory"
     before = sorted(str(p) for p in tmp_path.rglob("*"))
@@ -203,6 +205,18 @@ def test_record_refuses_outside_and_is_concurrency_safe(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(run), k]) for k in "abcd"]
     assert [p.wait() for p in procs] == [0] * 4
     assert len(json.loads((run / MARKER).read_text())["files"]) == 60   # no entry lost to a concurrent update
+
+
+def test_atomic_dir_never_deletes_the_previous_copy_when_cleanup_fails(tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    with atomic_dir(ck, "checkpoint") as t: (t / "w.bin").write_bytes(b"1")
+    (ck / "notes.txt").write_text("the user's")
+    monkeypatch.setattr(F, "remove_owned", lambda f: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.warns(UserWarning, match="could not be removed"):
+        with atomic_dir(ck, "checkpoint") as t: (t / "w.bin").write_bytes(b"2")
+    assert (ck / "w.bin").read_bytes() == b"2"
+    old = [p for p in tmp_path.iterdir() if p != ck]
+    assert len(old) == 1 and (old[0] / "notes.txt").read_text() == "the user's"   # the previous copy is left, not deleted
 
 
 @pytest.mark.parametrize("exchange", [True, False])   # the atomic swap (Linux), and the two-rename fallback
