@@ -182,6 +182,8 @@ def adapt_teacher(teacher:Teacher, # the FP teacher (`load_teacher`)
     cbs = [watch] + ([progress_lines(max_steps, 'teacher adaptation', eval_every)] if progress else [])
     trainer = Trainer(cfg, teacher=teacher, student=student, eval_tokens=val, callbacks=cbs, progress=progress)
     res = trainer.fit()
+    if res.status == 'interrupted' and best['bad'] < patience:      # stopped by SIGTERM, not by the plateau rule: cache nothing
+        raise RuntimeError(f"teacher adaptation stopped at step {res.step} by SIGTERM; run again to adapt it")
     if 'best' in state: student.load_state_dict(state['best'])
     else: student = make_student(teacher)            # nothing improved on the teacher: keep it as it is
     info = dict(source=teacher.name, corpus=corpus, settings=settings, steps_run=res.step, best_step=best['step'],
@@ -377,6 +379,8 @@ def run_study(cfg:StudyConfig|None=None, # the study (None: defaults)
         else:
             run_dir = out/'runs'/name
             res, secs = trained_row(cfg, teacher, r, train, run_dir, progress)
+            if res.status != 'completed':    # SIGTERM (cancelled, preempted, out of time): record nothing, resume next time
+                raise RuntimeError(f"training of {name} stopped at step {res.step} of {cfg.steps} (SIGTERM); run the study again to resume it from its checkpoint")
             row.update(seconds=secs, curves=str((run_dir/'metrics.jsonl').relative_to(out)), soft_targets=res.soft_targets,
                        teacher_hash_unchanged=res.teacher_hash is None or weights_hash(tmodel) == res.teacher_hash)
             if r['method'] == 'fp-control':

@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument('--out', default='runs/compare', help='output folder')
     c.add_argument('--overwrite', action='store_true', help='start over in a folder holding a study with other parameters')
     c.add_argument('--notebook', help='the study notebook (default: nbs/experiments/compare.ipynb of the source checkout)')
+    s = sub.add_parser('sweep', help='a parameter grid of an experiment notebook: local processes or one Slurm job array, resumable, collected into one table')
+    s.add_argument('file', help='the sweep file (YAML): notebook, params, grid (product, zip, exclude, seeds), executor')
+    s.add_argument('--executor', choices=['local', 'slurm'], default='local', help='local: a pool of processes on this machine; slurm: one job array (submitit)')
+    s.add_argument('--workers', type=int, help="local: points at once (default: the file's executor.workers, else 1); slurm: the array's parallelism")
+    s.add_argument('--dry-run', action='store_true', help='print the plan (points, which are done, what would be submitted) and stop')
+    s.add_argument('--retries', type=int, default=0, help='resubmit points that fail in this run up to K more times')
+    s.add_argument('--collect', action='store_true', help='only gather the done points into sweep.csv, sweep.md and report.html')
     t = sub.add_parser('train', help='KD+QAT training from a YAML config (python -m kdq_bench.trainer)', add_help=False)
     t.add_argument('rest', nargs=argparse.REMAINDER)
     return p
@@ -209,6 +216,9 @@ def main(argv=None) -> int:
             print(_markdown_table(formats_table(a.weights), ['format', 'bits_per_weight', 'sqnr_db']))
         elif a.command == 'corpora':
             print(_markdown_table(list_corpora(), ['name', 'available', 'source', 'licence', 'install']))
+        elif a.command == 'sweep':
+            from kdq_bench.sweeps import sweep_command
+            return sweep_command(a.file, a.executor, a.workers, a.dry_run, a.retries, a.collect)
         elif a.command in (None, 'compare'):
             if a.command is None: a = build_parser().parse_args(['compare'])
             metrics = compare(compare_params(a), a.notebook, a.overwrite)
