@@ -2,20 +2,20 @@
 (sbatch job arrays, a preemption requeued by submitit, a cancelled job) and through the local pool (the documented
 command of the "Run on a cluster" page, a killed point), a trainer point under torchrun, and the unit rules (grid
 expansion, run ids, refusals)."""
-import csv, dataclasses, json, math, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+import csv, dataclasses, json, math, os, re, shutil, signal, socket, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
 
+from kdq_bench.cli import main
 from kdq_bench.sweeps import MARKER, expand_grid, load_sweep, read_status, run_id, trainer_command
 from kdq_bench.trainer import list_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO/'nbs'/'experiments'/'sweeps'/'quickstart.yaml'
 PAGE = REPO/'nbs'/'experiments'/'cluster.ipynb'
-CLI = [sys.executable, '-c', 'import sys; from kdq_bench.cli import main; sys.exit(main(sys.argv[1:]))']
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -252,7 +252,6 @@ def test_run_ids_are_stable_hashes_of_the_parameters(tmp_path):
     ('grids: {}', "unknown key 'grids'"),
 ])
 def test_refusals_name_the_key_before_anything_is_written(tmp_path, monkeypatch, capsys, text, msg):
-    from kdq_bench.cli import main
     monkeypatch.chdir(tmp_path)
     (tmp_path/'s.yaml').write_text(text + '\n')
     with pytest.raises(ValueError, match=re.escape(msg)): load_sweep(tmp_path/'s.yaml')
@@ -263,7 +262,6 @@ def test_refusals_name_the_key_before_anything_is_written(tmp_path, monkeypatch,
 
 
 def test_foreign_folders_are_never_touched(tmp_path, monkeypatch, capsys):
-    from kdq_bench.cli import main
     monkeypatch.chdir(tmp_path)
     (tmp_path/'s.yaml').write_text('params: {teacher: embedded}\ngrid: {product: {tau: [1, 2]}}\n')
     (tmp_path/'runs'/'s').mkdir(parents=True)
@@ -277,19 +275,112 @@ def test_foreign_folders_are_never_touched(tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Any notebook: retries, reruns and a sweep that outlives its driver (a toy notebook, no torch in the kernel)
+# ---------------------------------------------------------------------------------------------------------------------
+
+TOY = """import json, pathlib, time
+while gate and not pathlib.Path(gate).exists(): time.sleep(0.1)
+flag = pathlib.Path(out, 'tried')
+if x == fail_once and not flag.exists():
+    flag.write_text('1')
+    raise RuntimeError('the first attempt fails')
+pathlib.Path(out, 'metrics.json').write_text(json.dumps({'value': 10 * x + seed}))"""
+
+def toy_sweep(tmp_path, **sweep) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1\nseed = 0\nfail_once = 0\ngate = ''\nout = '.'"), nbformat.v4.new_code_cell(TOY)]
+    nb.cells[0].metadata['tags'] = ['parameters']
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
+    nbformat.write(nb, tmp_path/'toy.ipynb')
+    (tmp_path/'toy.yaml').write_text(yaml.safe_dump({'notebook': 'toy.ipynb', 'executor': {'workers': 2, 'poll': 0.2}, **sweep}))
+    return tmp_path/'toy.yaml'
+
+def test_failed_point_alone_rerun_and_retries(tmp_path, monkeypatch, capsys):
+    "A point whose notebook raises fails alone; the next run reruns just it; --retries resubmits it within the run."
+    from kdq_bench.sweeps import sweep_command
+    monkeypatch.chdir(tmp_path)
+    f = toy_sweep(tmp_path, params={'fail_once': 2}, grid={'product': {'x': [1, 2, 3]}})
+    assert sweep_command(f) == 1
+    err = capsys.readouterr().err
+    pts = load_sweep(f).points
+    assert [read_status(p.folder)['state'] for p in pts] == ['done', 'failed', 'done']
+    assert 'RuntimeError: the first attempt fails' in read_status(pts[1].folder)['error'] and f"FAILED {pts[1].run_id}" in err
+    assert 'the first attempt fails' in (pts[1].folder/'log.txt').read_text()        # the traceback is in the point's log
+    assert [r['status'] for r in read_csv(tmp_path/'runs'/'toy'/'sweep.csv')] == ['done', 'done', 'failed']
+    done = {p.run_id: (p.folder/'metrics.json').read_bytes() for p in pts if p is not pts[1]}
+    assert sweep_command(f, dry_run=True) == 0
+    assert capsys.readouterr().out.count('| skip |') == 2
+    assert sweep_command(f) == 0                                                       # reruns only the failed point
+    err = capsys.readouterr().err
+    assert err.count('[sweep] started') == 1 and f"started {pts[1].run_id}" in err
+    assert {p.run_id: (p.folder/'metrics.json').read_bytes() for p in pts if p is not pts[1]} == done
+    assert [float(r['value']) for r in read_csv(tmp_path/'runs'/'toy'/'sweep.csv')] == [10.0, 20.0, 30.0]
+    # within one run: --retries 1 resubmits the failed point at once
+    g = toy_sweep(tmp_path, name='retry', params={'fail_once': 1}, grid={'product': {'x': [1, 4]}, 'seeds': [3]})
+    assert sweep_command(g, retries=1) == 0
+    err = capsys.readouterr().err
+    (p1, p4) = load_sweep(g).points
+    assert 'retry 1/1: resubmitting 1 failed point(s)' in err and err.count('[sweep] started') == 3
+    assert (read_status(p1.folder)['attempt'], read_status(p4.folder)['attempt']) == (2, 1)
+    assert [float(r['value']) for r in read_csv(tmp_path/'runs'/'retry'/'sweep.csv')] == [13.0, 43.0]
+    assert sweep_command(g, collect_only=True) == 0 and '| 4 | 1 | 3 |' in capsys.readouterr().out
+
+
+def test_points_outlive_their_driver_and_are_watched_not_resubmitted(tmp_path, monkeypatch):
+    "The sweep process dies (closed laptop); its point keeps running; the next invocation watches it instead of starting it twice."
+    f = toy_sweep(tmp_path, params={'gate': str(tmp_path/'go')}, grid={'product': {'x': [5]}})   # the point waits for 'go'
+    drv = [sys.executable, '-c', 'import sys; from kdq_bench.sweeps import sweep_command; sys.exit(sweep_command(sys.argv[1]))', str(f)]
+    first = subprocess.Popen(drv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    monkeypatch.chdir(tmp_path)
+    (p,) = load_sweep(f).points
+    log = open(tmp_path/'second.log', 'w')
+    second = None
+    try:
+        wait_for(lambda: read_status(p.folder)['state'] == 'running', 'the point to run', proc=first)
+        first.kill(); first.wait()                                        # the driver only: the point has its own session
+        second = subprocess.Popen(drv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
+        wait_for(lambda: 'watching' in (tmp_path/'second.log').read_text(), 'the second run to watch the point', proc=second)
+        (tmp_path/'go').touch()
+        assert second.wait(timeout=120) == 0
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None: proc.kill()
+        log.close()
+    err = (tmp_path/'second.log').read_text()
+    assert f"watching {p.run_id}" in err and '[sweep] started' not in err and '1 still running, 0 to run' in err, err
+    st = read_status(p.folder)
+    assert st['state'] == 'done' and st['attempt'] == 1
+    assert (p.folder/'log.txt').read_text().count('== attempt') == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # A 2×2 study sweep on a real Slurm cluster
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_slurm_sweep_requeue_cancel_and_rerun(slurm, tiny_teacher, tmp_path):
+class Background:
+    "`fn(*args)` in a thread, with the `poll`/`wait` of a process (the sweep runs in-process: torch is already imported)."
+    def __init__(self, fn, *args):
+        self.rc = None
+        def body():
+            try: self.rc = fn(*args)
+            except BaseException as e: self.rc = e
+        self.thread = threading.Thread(target=body, daemon=True)
+        self.thread.start()
+    def poll(self): return None if self.thread.is_alive() else self.rc
+    def wait(self, timeout=None):
+        self.thread.join(timeout)
+        if self.thread.is_alive(): raise TimeoutError('the sweep is still running')
+        return self.rc
+
+def test_slurm_sweep_requeue_cancel_and_rerun(slurm, tiny_teacher, tmp_path, monkeypatch, capsys):
     "steps × weights through one sbatch job array; a preempted point is requeued and resumes; a cancelled one fails alone and reruns alone."
     f = sweep_file(tmp_path/'grid.yaml', tiny_teacher.path, out=str(tmp_path/'runs'),
                    grid={'product': {'steps': [10, 120], 'weights': ['int4-g128', 'int3-g128']}},
                    executor={'poll': 0.5, 'slurm': {'time': 20, 'cpus': 1, 'array_parallelism': 2}})
+    monkeypatch.chdir(tmp_path)
     sweep = load_sweep(f)
-    short, long = sweep.points[:2], sweep.points[2:]
-    preempted, cancelled = long
-    log = open(tmp_path/'first.log', 'w')
-    proc = subprocess.Popen(CLI + ['sweep', str(f), '--executor', 'slurm'], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    preempted, cancelled = sweep.points[2:]                            # the two long points
+    proc = Background(main, ['sweep', str(f), '--executor', 'slurm'])
     try:
         # preemption: USR2 (what Slurm sends before the time limit or on preemption) once the trained row has a checkpoint
         ck = wait_for(lambda: checkpoint_of(preempted), 'a checkpoint of the first long point', proc=proc)
@@ -303,11 +394,10 @@ def test_slurm_sweep_requeue_cancel_and_rerun(slurm, tiny_teacher, tmp_path):
         wait_for(lambda: read_status(cancelled.folder)['state'] == 'running', 'the second long point to run', proc=proc)
         victim = read_status(cancelled.folder)['job_id']
         slurm.run('scancel', victim)
-        assert proc.wait(timeout=300) == 1                             # one point not done
     finally:
-        if proc.poll() is None: proc.kill()
-        log.close()
-    first = (tmp_path/'first.log').read_text()
+        rc = proc.wait(timeout=600)
+    assert rc == 1                                                      # one point not done
+    first = capsys.readouterr().err
     st = {p.run_id: read_status(p.folder) for p in sweep.points}
     assert [st[p.run_id]['state'] for p in sweep.points] == ['done', 'done', 'done', 'failed'], first
     assert re.search('CANCELLED|SIGTERM', st[cancelled.run_id]['error']) and st[cancelled.run_id]['attempt'] == 1, st[cancelled.run_id]
@@ -325,9 +415,9 @@ def test_slurm_sweep_requeue_cancel_and_rerun(slurm, tiny_teacher, tmp_path):
     assert 'Points not done' in md and cancelled.run_id in md and 'plotly' in (sweep.folder/'report.html').read_text()
     # the next invocation reruns just the failed point and never redoes a done one
     before = {p.run_id: (p.folder/'metrics.json').read_bytes() for p in sweep.points[:3]}
-    r = subprocess.run(CLI + ['sweep', str(f), '--executor', 'slurm'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count('[sweep] submitted') == 1 and f"submitted {cancelled.run_id}" in r.stderr and '3 done' in r.stderr
+    assert main(['sweep', str(f), '--executor', 'slurm']) == 0
+    err = capsys.readouterr().err
+    assert err.count('[sweep] submitted') == 1 and f"submitted {cancelled.run_id}" in err and '3 done' in err
     assert {p.run_id: (p.folder/'metrics.json').read_bytes() for p in sweep.points[:3]} == before
     st = read_status(cancelled.folder)
     assert st['state'] == 'done' and st['attempt'] == 2
@@ -346,7 +436,7 @@ def documented_command() -> str:
     assert cmds, 'the page shows no quickstart command'
     return cmds[0].strip()
 
-def test_documented_local_sweep_kill_and_rerun(tiny_teacher, tmp_path, monkeypatch):
+def test_documented_local_sweep_kill_and_rerun(tiny_teacher, tmp_path, monkeypatch, capsys):
     "The page's command on the tiny teacher: the table and the report; a killed point fails alone and reruns alone."
     cmd = documented_command()
     (tmp_path/'nbs'/'experiments'/'sweeps').mkdir(parents=True)
@@ -370,14 +460,14 @@ def test_documented_local_sweep_kill_and_rerun(tiny_teacher, tmp_path, monkeypat
     assert f"FAILED {victim.run_id}" in first and first.count('[sweep] started') == 4
     assert sweep.folder == tmp_path/'runs'/'quickstart'
     before = {p.run_id: (p.folder/'metrics.json').read_bytes() for p in sweep.points if p is not victim}
-    r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count('[sweep] started') == 1 and f"started {victim.run_id}" in r.stderr
+    assert main(cmd.split()[1:]) == 0                                    # the same command again (in-process)
+    r = capsys.readouterr()
+    assert r.err.count('[sweep] started') == 1 and f"started {victim.run_id}" in r.err
     assert {p.run_id: (p.folder/'metrics.json').read_bytes() for p in sweep.points if p is not victim} == before
     assert read_status(victim.folder)['attempt'] == 2
     check_table_against_points(sweep)
     for name in ('sweep.csv', 'sweep.md', 'report.html', 'rows.csv'): assert (sweep.folder/name).stat().st_size > 0
-    assert r.stdout.count('| kd+qat |') == 4 and 'results:' in r.stdout
+    assert r.out.count('| kd+qat |') == 4 and 'results:' in r.out
     for p in sweep.points:                                               # each point's folder: everything the issue lists
         assert {MARKER, 'params.yaml', 'compare.ipynb', 'metrics.json', 'log.txt', 'status.json'} <= {x.name for x in p.folder.iterdir()}
         assert yaml.safe_load((p.folder/'params.yaml').read_text())['out'] == str(p.folder)
@@ -395,9 +485,8 @@ def test_trainer_point_runs_under_torchrun(tiny_teacher, tmp_path, monkeypatch):
     (tmp_path/'base.yaml').write_text(yaml.safe_dump(base))
     (tmp_path/'t.yaml').write_text(yaml.safe_dump({'trainer': 'base.yaml', 'out': str(tmp_path/'runs'),
         'grid': {'product': {'distillation.temperature': [2.0]}}, 'executor': {'nproc': 2, 'poll': 0.5}}))
-    r = subprocess.run(CLI + ['sweep', 't.yaml'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
     monkeypatch.chdir(tmp_path)
+    assert main(['sweep', 't.yaml']) == 0
     (p,) = load_sweep('t.yaml').points
     assert read_status(p.folder)['state'] == 'done'
     assert '$ ' + ' '.join(trainer_command(p.folder/'train.yaml', 2)) in (p.folder/'log.txt').read_text()
