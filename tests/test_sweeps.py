@@ -170,7 +170,7 @@ def wait_for(ok, what, timeout=240, proc=None):
     while time.time() - t0 < timeout:
         v = ok()
         if v: return v
-        if proc is not None and proc.poll() is not None: raise AssertionError(f"the sweep ended ({proc.returncode}) while waiting for {what}")
+        if proc is not None and proc.poll() is not None: raise AssertionError(f"the sweep ended ({proc.poll()}) while waiting for {what}")
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
 
