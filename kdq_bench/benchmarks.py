@@ -289,10 +289,12 @@ def adapt_teacher(teacher:Teacher, # the FP teacher (`load_teacher`)
     cbs = [stop] + ([ProgressLines(max_steps, 'teacher adaptation', eval_every, prefix='[compare]  ')] if progress else [])
     train = data_range(tokenize_split(corpus, 'train', teacher.tokenizer), 'adapt')
     res = Trainer(cfg, teacher=teacher, student=student, train_tokens=train, eval_tokens=val, callbacks=cbs, progress=progress).fit()
+    if res.status == 'interrupted' and stop.bad < patience:      # stopped by SIGTERM, not by the plateau rule: cache nothing
+        raise RuntimeError(f"teacher adaptation stopped at step {res.step} by SIGTERM; run again to adapt it")
     if stop.best_state is not None: student.load_state_dict(stop.best_state)
     else: student = make_student(teacher)            # nothing improved on the teacher: keep it as it is
     info = dict(source=teacher.name, corpus=corpus, settings=settings, steps_run=res.step, best_step=stop.best_step,
-                stopped_early=res.status == 'interrupted', val_ppl_before=ppl0, val_ppl_after=stop.best, seconds=time.time() - t0,
+                stopped_early=stop.bad >= patience, val_ppl_before=ppl0, val_ppl_after=stop.best, seconds=time.time() - t0,
                 tokens=res.step * batch_size * seq_len, curve=[dict(step=r['step'], val_ppl=r['val_ppl'], loss=r['loss']) for r in res.history if 'val_ppl' in r])
     _save_adapted(student, teacher.tokenizer, info, dest)
     return Teacher(f"{teacher.name}+{corpus}", freeze(student.eval()), teacher.tokenizer, dest, info)
@@ -473,6 +475,9 @@ def trained_row(cfg:StudyConfig, teacher:Teacher, r:dict, train_tokens, run_dir:
     f = run_dir/'seconds.json'
     secs = (json.loads(f.read_text())['seconds'] if f.exists() else 0.0) + time.time() - t0
     atomic_write_json(f, {'seconds': secs})
+    if res.status != 'completed':    # SIGTERM (cancelled, preempted, out of time): record nothing, resume next time
+        raise RuntimeError(f"training of {row_name(r)} stopped at step {res.step} of {tc.training.steps} (SIGTERM); "
+                           "run the study again to resume it from its checkpoint")
     return res, secs
 
 # %% ../nbs/09_benchmarks.ipynb #83254994

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser('ptq', help='a study of PTQ rows only (RTN, GPTQ, AWQ, SmoothQuant), in this process')
     add_study_options(q, skip=TRAINED_FIELDS)
     for s in (c, q): s.add_argument('--overwrite', action='store_true', help="start over in a folder holding another study (kdq_bench's files only)")
+    s = sub.add_parser('sweep', help='a parameter grid of an experiment notebook: local processes or one Slurm job array, resumable, collected into one table')
+    s.add_argument('file', help='the sweep file (YAML): notebook, params, grid (product, zip, exclude, seeds), executor')
+    s.add_argument('--executor', choices=['local', 'slurm'], default='local', help='local: a pool of processes on this machine; slurm: one job array (submitit)')
+    s.add_argument('--workers', type=int, help="local: points at once (default: the file's executor.workers, else 1); slurm: the array's parallelism")
+    s.add_argument('--dry-run', action='store_true', help='print the plan (points, which are done, what would be submitted) and stop')
+    s.add_argument('--retries', type=int, default=0, help='resubmit points that fail in this run up to K more times')
+    s.add_argument('--collect', action='store_true', help='only gather the done points into sweep.csv, sweep.md and report.html')
     t = sub.add_parser('train', help='KD+QAT training from a YAML config (python -m kdq_bench.trainer)', add_help=False)
     t.add_argument('rest', nargs=argparse.REMAINDER)
     return p
@@ -160,6 +167,9 @@ def compare(cfg:StudyConfig, # the checked study
 # %% ../nbs/11_cli.ipynb #15a6fd6d
 def _run(a:argparse.Namespace):
     if a.command == 'formats': return print(markdown_rows(formats_table(a.weights), ['format', 'bits_per_weight', 'sqnr_db']))
+    if a.command == 'sweep':
+        from kdq_bench.sweeps import sweep_command
+        return sweep_command(a.file, a.executor, a.workers, a.dry_run, a.retries, a.collect)
     if a.command == 'corpora': return print(markdown_rows(list_corpora(), ['name', 'available', 'source', 'licence', 'install']))
     cfg = study_config(a, a.command)
     metrics = compare(cfg, a.notebook, a.overwrite) if a.command == 'compare' else run_study(cfg, overwrite=a.overwrite)
@@ -174,9 +184,9 @@ def main(argv=None) -> int:
         return train_main(argv[1:]) or 0
     try: a = build_parser().parse_args(argv or ['compare'])
     except SystemExit as e: return e.code                  # argparse printed the usage line and the error (or --help)
-    try: _run(a)
+    try: code = _run(a)
     except StudyError as e:
         print(f"kdq-bench: error: {flag(e.field)}: {e.message}", file=sys.stderr); return 2
     except ValueError as e:
         print(f"kdq-bench: error: {e}", file=sys.stderr); return 2
-    return 0
+    return code or 0

@@ -140,3 +140,26 @@ def test_unsupported_pairs_are_listed(teacher_dir):
     rows, skipped = B.plan_rows(StudyConfig(weights=['nvfp4'], methods=['gptq', 'awq', 'rtn']).validate())
     assert [(r['method'], r['weights']) for r in rows] == [('teacher', 'fp32'), ('rtn', 'int8'), ('rtn', 'nvfp4')]
     assert len(skipped) == 2 and all('integer formats' in s for s in skipped)
+
+
+def test_sigterm_in_a_trained_row_records_nothing_and_resumes(teacher_dir, tmp_path, monkeypatch):
+    "SIGTERM inside a trained row (a cancelled, preempted or timed-out job): no row is recorded; the next call resumes the row from its checkpoint."
+    import signal
+    cfg = StudyConfig(teacher=str(teacher_dir), corpus='shakespeare', weights=['int3-g128'], methods=['rtn', 'kd+qat'], int8_baseline=False,
+                      steps=20, batch_size=4, seq_len=32, lr=1e-3, tau=2.0, out=str(tmp_path / 's'), eval_tokens=2048, eval_seq_len=32,
+                      adapt_steps=0, latency_runs=1, blockwise=False, calib_samples=4, calib_seq_len=32, eval_corpora=[])
+    class Terminated(B.Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.callbacks.append(lambda rec: rec['step'] == 12 and os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(B, 'Trainer', Terminated)
+    with pytest.raises(RuntimeError, match='stopped at step 12 of 20'): run_study(cfg, progress=False)
+    assert [r['method'] for r in json.loads((tmp_path / 's' / 'metrics.json').read_text())['rows']] == ['teacher', 'rtn']
+    curve = tmp_path / 's' / 'runs' / 'kdqat-int3-g128-seed0' / 'metrics.jsonl'
+    before = curve.read_text().splitlines()
+    assert len(before) == 12
+    monkeypatch.setattr(B, 'Trainer', Terminated.__mro__[1])
+    m = run_study(cfg, progress=False)
+    assert [r['method'] for r in m['rows']] == ['teacher', 'rtn', 'kd+qat']
+    after = curve.read_text().splitlines()
+    assert len(after) == 20 and after[:12] == before                    # steps 1-12 kept from the checkpoint written on SIGTERM, not retrained
