@@ -24,6 +24,7 @@ from .export import pack_qtensor, save_quantized, load_quantized
 from .data import tokenize_split, calibration_set, cache_dir, CORPORA, load_documents
 from .models import Teacher, load_teacher, make_student, freeze, smollm2_gguf_path, KNOWN_TEACHERS
 from .evaluate import perplexity, fidelity, model_size_bytes, latency
+from .downstream import default_tasks, resolve_tasks, evaluate_tasks, study_columns
 from .ptq import ptq, PTQ_METHODS
 from .teacher_cache import weights_hash
 from .trainer import (TrainConfig, Trainer, latest_checkpoint, list_checkpoints, EarlyStopping, ProgressLines, INITS,
@@ -33,10 +34,10 @@ from .blockwise import TRAINABLE, BlockwiseConfig, blockwise_distill
 # %% auto #0
 __all__ = ['TRAINED_METHODS', 'STUDY_METHODS', 'MIN_EVAL_TOKENS', 'SUPPORTED', 'DATA_RANGES', 'METHOD_ORDER', 'METHOD_LABELS',
            'CURVE_KEYS', 'StudyError', 'StudyConfig', 'check_packable', 'plan_rows', 'row_key', 'row_name',
-           'data_range', 'adapt_teacher', 'EvalSet', 'eval_set', 'evaluate_row', 'decode_ratio', 'artifact_metrics',
-           'check_study_folder', 'StudyLog', 'ptq_student', 'trained_start', 'train_config', 'trained_row',
-           'fit_context', 'run_study', 'summary', 'markdown_table', 'read_curves', 'static_bundle', 'show_static',
-           'perplexity_figure', 'curves_figure', 'write_report']
+           'data_range', 'adapt_teacher', 'EvalSet', 'eval_set', 'task_shape', 'evaluate_row', 'decode_ratio',
+           'artifact_metrics', 'check_study_folder', 'StudyLog', 'ptq_student', 'trained_start', 'train_config',
+           'trained_row', 'fit_context', 'run_study', 'summary', 'markdown_table', 'read_curves', 'static_bundle',
+           'show_static', 'perplexity_figure', 'curves_figure', 'write_report']
 
 # %% ../nbs/09_benchmarks.ipynb #089458e3
 TRAINED_METHODS = ('fp-control', 'qat', 'kd+qat')
@@ -94,6 +95,8 @@ class StudyConfig:
     eval_tokens: int = 8192           # test-split tokens scored per row (and per other corpus)
     eval_seq_len: int = 512           # evaluation window (capped at the teacher's context)
     eval_corpora: list|str = 'auto'   # other corpora whose test splits every row is scored on ('auto': every other installed one)
+    tasks: list|str = 'auto'          # downstream tasks every row is scored on ('auto': the study corpus's offline cloze and choice; []: none)
+    task_examples: int = 100          # examples per offline task (standard error about ±5 points at 50% accuracy)
     latency_runs: int = 3             # timed decoding runs per artifact (median reported)
     # where and how
     device: str = 'cpu'               # 'cpu', 'cuda' or 'auto'
@@ -196,6 +199,10 @@ def validate(self:StudyConfig) -> StudyConfig:
     for c in self.eval_corpora:
         try: _check_corpus(c)
         except ValueError as e: raise StudyError('eval_corpora', str(e)) from None
+    _int(self, 'task_examples')
+    self.tasks = (default_tasks(self.corpus) if self.corpus in CORPORA else []) if self.tasks == 'auto' else list(self.tasks)
+    try: resolve_tasks(self.tasks)
+    except ValueError as e: raise StudyError('tasks', str(e)) from None
     if self.device == 'cuda' and not torch.cuda.is_available(): raise StudyError('device', "'cuda' but torch sees no CUDA device")
     return self
 
@@ -307,6 +314,9 @@ class EvalSet:
     test: object                      # the study corpus's test tokens
     others: dict                      # corpus name -> its test tokens
     tokens: int                       # tokens scored per text
+    tokenizer: object = None          # the teacher's tokenizer (downstream tasks)
+    tasks: list = field(default_factory=list)  # downstream tasks
+    task_examples: int = 100          # examples per offline task
 
 def eval_set(cfg:StudyConfig, teacher:Teacher) -> EvalSet:
     "Tokenize the evaluation texts; refuse an `eval_tokens` a test split cannot supply."
@@ -317,18 +327,23 @@ def eval_set(cfg:StudyConfig, teacher:Teacher) -> EvalSet:
         if len(t) < cfg.eval_tokens + cfg.eval_tokens // seq_len + 1:
             raise StudyError('eval_tokens', f"the test split of {c!r} has {len(t):,} tokens for this tokenizer; ask for at most "
                                             f"{len(t) - len(t) // seq_len - 1:,}")
-    return EvalSet(seq_len, texts.pop(cfg.corpus), texts, cfg.eval_tokens)
+    return EvalSet(seq_len, texts.pop(cfg.corpus), texts, cfg.eval_tokens, teacher.tokenizer, cfg.tasks, cfg.task_examples)
+
+def task_shape(seq_len:int) -> dict:
+    "Passage sizes of the offline tasks: the harness's defaults for models with a real context, short ones for toy models."
+    return dict(context_words=(30, 75), continuation_words=12) if seq_len >= 256 else dict(context_words=(8, 20), continuation_words=4)
 
 # %% ../nbs/09_benchmarks.ipynb #ddb8fdc0
 def evaluate_row(model:torch.nn.Module, # the row's model (an artifact loaded back, or the FP teacher)
                  ev:EvalSet, # what to score it on
                  teacher:torch.nn.Module, # the FP teacher (fidelity reference)
                 ) -> dict:
-    "Perplexity on the study's test text, fidelity to the teacher there, and perplexity on every other test text."
+    "Perplexity and fidelity to the teacher on the study's test text, perplexity on every other test text, downstream accuracy."
     r = perplexity(model, ev.test, seq_len=ev.seq_len, max_tokens=ev.tokens, progress=False)
     f = fidelity(model, teacher, ev.test, seq_len=ev.seq_len, max_tokens=ev.tokens)
     other = {c: perplexity(model, t, seq_len=ev.seq_len, max_tokens=ev.tokens, progress=False).ppl for c, t in ev.others.items()}
-    return dict(ppl=r.ppl, nll=r.nll, eval_tokens=r.n_tokens, kl=f.kl, top1=f.top1, other_ppl=other)
+    tasks = {} if not ev.tasks else study_columns(evaluate_tasks(model, ev.tokenizer, ev.tasks, n=ev.task_examples, **task_shape(ev.seq_len)))
+    return dict(ppl=r.ppl, nll=r.nll, eval_tokens=r.n_tokens, kl=f.kl, top1=f.top1, other_ppl=other, tasks=tasks)
 
 # %% ../nbs/09_benchmarks.ipynb #4a69e417
 def decode_ratio(model:torch.nn.Module, # the packed model
@@ -625,6 +640,7 @@ def summary(rows:list[dict]) -> list[dict]:
         for k in ('ppl', 'delta_pct', 'kl', 'top1', 'size_bytes', 'compression', 'seconds', 'tokens', 'decode_ratio'):
             s[k], s[k + '_sd'] = _stat(rs, lambda x: x.get(k))
         s['other'] = {c: _stat(rs, lambda x: x['other_ppl'][c]) for c in rs[0].get('other_ppl', {})}
+        s['acc'] = {k: _stat(rs, lambda x: x['tasks'][k]) for k in rs[0].get('tasks') or {} if k.endswith('/acc')}
         out.append(s)
     return out
 
@@ -635,8 +651,9 @@ def _fmt(v, spec, sd=None):
 
 def _line(s:dict, ref:dict) -> str:
     other = ''.join(f" {_fmt(100 * (mu / ref['other'][c][0] - 1), '+.1f', 100 * sd / ref['other'][c][0])}% |" for c, (mu, sd) in s['other'].items())
+    acc = ''.join(f" {_fmt(100 * mu, '.1f', 100 * sd)}% ({_fmt(100 * (mu - ref['acc'][k][0]), '+.1f')}) |" for k, (mu, sd) in s['acc'].items())
     return (f"| {METHOD_LABELS[s['method']]} | {s['weights']} | {s['runs']} | {_fmt(s['ppl'], '.3f', s['ppl_sd'])} | "
-            f"{_fmt(s['delta_pct'], '+.2f', s['delta_pct_sd'])}% | {_fmt(s['kl'], '.4f', s['kl_sd'])} | {_fmt(100 * s['top1'], '.1f')}% |{other} "
+            f"{_fmt(s['delta_pct'], '+.2f', s['delta_pct_sd'])}% | {_fmt(s['kl'], '.4f', s['kl_sd'])} | {_fmt(100 * s['top1'], '.1f')}% |{other}{acc} "
             f"{_fmt(s['tokens'] / 1e3, ',.0f')}k | {_fmt(s['seconds'], '.0f')} s | {_fmt(s['size_bytes'] / 1e6, '.2f')} MB | "
             f"{_fmt(s['compression'], '.2f')}× | {_fmt(s['decode_ratio'], '.2f')}{'×' if s['decode_ratio'] is not None else ''} |")
 
@@ -650,6 +667,9 @@ def _notes(metrics:dict) -> list[str]:
               f"{ad['val_ppl_after']:.3f}; {'plateau reached' if ad['stopped_early'] else 'budget ended before a plateau'})" if ad else ' (not adapted)') + '.',
              f"Test split of {metrics.get('corpus')}: {metrics['rows'][0]['eval_tokens']:,} tokens scored in windows of {e.get('seq_len')}; "
              f"other texts (their test splits, change vs the teacher): {', '.join(e.get('other_corpora') or []) or 'none'}. KL = KL(teacher ‖ row) per token.",
+             *([] if not p.get('tasks') else [f"Downstream accuracy (lm-evaluation-harness, zero-shot): {', '.join(p['tasks'])}, {p['task_examples']} examples each "
+               "generated from the test split (`kdq_bench.downstream`), with the change vs the teacher in points; one model's standard error is about "
+               f"{100 * (0.25 / p['task_examples']) ** 0.5:.0f} points, so compare rows through `downstream.paired_difference`."]),
              *([] if not any(r['method'] in TRAINED_METHODS for r in metrics['rows']) else [
              f"Trained rows start from {p['init'].upper()} (master weights {p['masters']}, grid {p['mode']})" +
              (f", then a block-wise phase ({p['blockwise_samples']} × {p['blockwise_seq_len']} tokens, {p['blockwise_epochs']} epochs)" if p['blockwise'] else '') +
@@ -667,6 +687,7 @@ def markdown_table(metrics:dict) -> str:
     ref = next(x for x in s if x['method'] == 'teacher')
     others = list(ref['other'])
     head = ('| method | weights | runs | test ppl | vs teacher | KL | top-1 |' + ''.join(f' {c} |' for c in others) +
+            ''.join(f" {k.split('/')[0]} acc (Δ pts) |" for k in ref['acc']) +
             ' tokens | time | size | compression | decode vs FP |')
     lines = [head, '|' + '---|' * (head.count('|') - 1)] + [_line(x, ref) for x in s]
     return '\n'.join(lines) + '\n\n' + '\n'.join(_notes(metrics)) + '\n'

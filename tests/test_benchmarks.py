@@ -14,11 +14,12 @@ from kdq_bench.data import tokenize_split
 from kdq_bench.evaluate import perplexity
 from kdq_bench.export import load_quantized
 from kdq_bench.models import load_teacher
+from kdq_bench.downstream import evaluate_tasks, study_columns
 
 ARGS = ['--corpus', 'shakespeare', '--weights', 'int3-g128', '--steps', '8', '--batch-size', '4', '--seq-len', '32',
         '--lr', '1e-3', '--scale-lr', '1e-3', '--tau', '2', '--seeds', '2', '--eval-tokens', '2048', '--eval-seq-len', '32',
         '--calib-samples', '8', '--calib-seq-len', '32', '--blockwise-samples', '4', '--blockwise-seq-len', '32', '--blockwise-lr', '1e-3',
-        '--blockwise-scale-lr', '1e-3', '--eval-corpora', '', '--adapt-steps', '20', '--adapt-lr', '1e-3', '--latency-runs', '1',
+        '--blockwise-scale-lr', '1e-3', '--eval-corpora', '', '--task-examples', '20', '--adapt-steps', '20', '--adapt-lr', '1e-3', '--latency-runs', '1',
         '--threads', '1']
 
 
@@ -55,6 +56,7 @@ def test_study_files_and_rows(study):
     assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
     assert any('KD+QAT' in json.dumps(c.get('outputs', [])) for c in nb.cells if c.cell_type == 'code')
     assert 'KD+QAT' in (out / 'table.md').read_text() and 'plotly' in (out / 'report.html').read_text()
+    assert 'shakespeare_choice acc (Δ pts)' in (out / 'table.md').read_text() and m['params']['tasks'] == ['shakespeare_cloze', 'shakespeare_choice']
 
 
 def test_report_matches_artifacts(study, teacher_dir):
@@ -73,6 +75,9 @@ def test_report_matches_artifacts(study, teacher_dir):
         assert layers and all(str(l.spec) == r['weights'] for l in layers)
         direct = perplexity(model, test, seq_len=32, max_tokens=2048, progress=False)
         assert math.isclose(direct.ppl, r['ppl'], rel_tol=1e-6) and direct.n_tokens == r['eval_tokens']
+        if r['method'] == 'kd+qat':   # the accuracy columns are the harness's on the artifact, for the study's tasks and sizes
+            acc = study_columns(evaluate_tasks(model, tok, m['params']['tasks'], n=20, **B.task_shape(32)))
+            assert acc == r['tasks'] and {'shakespeare_cloze/acc', 'shakespeare_choice/acc'} <= set(acc)
         size = sum(f.stat().st_size for f in (out / r['artifact']).rglob('*') if f.is_file())
         assert size == r['size_bytes'] and math.isclose(r['compression'], fp['size_bytes'] / size)
 
