@@ -73,3 +73,23 @@ def test_options_and_notebook_parameters_are_study_config():
     nb = notebook_parameters(study_notebook())
     assert set(nb) == {f.name for f in fields(StudyConfig)} | {'overwrite'}
     for f in fields(StudyConfig): assert ast.literal_eval(nb[f.name]) == getattr(StudyConfig(), f.name), f.name
+
+
+def test_documented_commands_parse_and_validate(tmp_path):
+    "The commands the experiment notebook documents give a valid study: kdq-bench's through its parser, papermill's through the injected cell."
+    import shlex, subprocess, nbformat
+    from kdq_bench.benchmarks import StudyConfig
+    from kdq_bench.cli import build_parser, study_config, study_notebook
+    intro = nbformat.read(study_notebook(), as_version=4).cells[0].source
+    cmds = [shlex.split(l) for l in intro.splitlines() if l.startswith(('kdq-bench ', 'papermill '))]
+    assert [c[0] for c in cmds] == ['kdq-bench', 'papermill']
+    cfg = study_config(build_parser().parse_args(cmds[0][1:]))
+    assert cfg.weights == ['int3-g128', 'int2-g64'] and cfg.seeds == [0, 1, 2]
+    pm = cmds[1]
+    pm[1], pm[2] = str(study_notebook()), str(tmp_path / 'x.ipynb')
+    subprocess.run(pm + ['--prepare-only'], check=True, capture_output=True, cwd=tmp_path)
+    ns = {}
+    for c in nbformat.read(tmp_path / 'x.ipynb', as_version=4).cells[:3]:
+        if c.cell_type == 'code' and {'parameters', 'injected-parameters'} & set(c.metadata.get('tags', [])): exec(c.source, ns)
+    cfg = StudyConfig.from_namespace(ns)
+    assert cfg.weights == ['int3-g128'] and cfg.seeds == [0, 1] and cfg.teacher == 'embedded' and cfg.out == 'runs/x'
