@@ -201,7 +201,7 @@ def validate(self:StudyConfig) -> StudyConfig:
         except ValueError as e: raise StudyError('eval_corpora', str(e)) from None
     _int(self, 'task_examples')
     self.tasks = (default_tasks(self.corpus) if self.corpus in CORPORA else []) if self.tasks == 'auto' else list(self.tasks)
-    try: resolve_tasks(self.tasks)
+    try: self.tasks and resolve_tasks(self.tasks)
     except ValueError as e: raise StudyError('tasks', str(e)) from None
     if self.device == 'cuda' and not torch.cuda.is_available(): raise StudyError('device', "'cuda' but torch sees no CUDA device")
     return self

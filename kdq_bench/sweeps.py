@@ -153,6 +153,7 @@ def coerce_param(key:str, # the parameter's name
     if isinstance(default, str):
         if isinstance(value, str): return value
         if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)   # 'auto'-or-number parameters (tau); the notebook checks
+        if isinstance(value, list): return value                  # 'auto'-or-list parameters (eval_corpora, tasks)
         raise bad()
     if isinstance(default, (list, tuple)): return list(value) if isinstance(value, (list, tuple)) else [value]
     return value
