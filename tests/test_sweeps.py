@@ -405,7 +405,8 @@ def test_slurm_sweep_requeue_cancel_and_rerun(slurm, tiny_teacher, tmp_path, mon
     assert st[preempted.run_id]['requeues'] == 1 and st[preempted.run_id]['job_id'] == job and st[preempted.run_id]['attempt'] == 1
     assert curve_lines(preempted)[:len(kept)] == kept and len(curve_lines(preempted)) == 120
     assert (preempted.folder/'log.txt').read_text().count('== attempt 1 as job') == 2
-    assert slurm.states()[job] == 'COMPLETED' and slurm.states()[victim] == 'CANCELLED'
+    # the point is recorded done just before its job's process exits: give Slurm a moment to account it
+    wait_for(lambda: slurm.states()[job] == 'COMPLETED' and slurm.states()[victim] == 'CANCELLED', 'Slurm to account the two jobs', timeout=60)
     assert f"FAILED {cancelled.run_id}" in first and first.count('[sweep] submitted') == 4 and f"log runs/grid/{cancelled.run_id}/log.txt" in first
     # the collected table: every done point's rows, the failed point listed
     check_table_against_points(dataclasses.replace(sweep, points=sweep.points[:3]))
