@@ -306,7 +306,7 @@ def adapt_teacher(teacher:Teacher, # the FP teacher (`load_teacher`)
     _save_adapted(student, teacher.tokenizer, info, dest)
     return Teacher(f"{teacher.name}+{corpus}", freeze(student.eval()), teacher.tokenizer, dest, info)
 
-# %% ../nbs/09_benchmarks.ipynb #9db5f982
+# %% ../nbs/09_benchmarks.ipynb #a94cccf6
 @dataclass
 class EvalSet:
     "The texts every row is scored on: the study corpus's test split and the other corpora's, as token arrays."
@@ -318,6 +318,7 @@ class EvalSet:
     tasks: list = field(default_factory=list)  # downstream tasks
     task_examples: int = 100          # examples per offline task
 
+# %% ../nbs/09_benchmarks.ipynb #03f6a317
 def eval_set(cfg:StudyConfig, teacher:Teacher) -> EvalSet:
     "Tokenize the evaluation texts; refuse an `eval_tokens` a test split cannot supply."
     ctx = getattr(teacher.model.config, 'max_position_embeddings', None) or cfg.eval_seq_len
@@ -329,6 +330,7 @@ def eval_set(cfg:StudyConfig, teacher:Teacher) -> EvalSet:
                                             f"{len(t) - len(t) // seq_len - 1:,}")
     return EvalSet(seq_len, texts.pop(cfg.corpus), texts, cfg.eval_tokens, teacher.tokenizer, cfg.tasks, cfg.task_examples)
 
+# %% ../nbs/09_benchmarks.ipynb #75ed25d1
 def task_shape(seq_len:int) -> dict:
     "Passage sizes of the offline tasks: the harness's defaults for models with a real context, short ones for toy models."
     return dict(context_words=(30, 75), continuation_words=12) if seq_len >= 256 else dict(context_words=(8, 20), continuation_words=4)

@@ -82,11 +82,12 @@ def block_mse(block:nn.Module, # a student block
     tot = sum(float((_out(block(x, **kw)).float() - t).pow(2).sum()) for x, kw, t in zip(xs, kws, targets))
     return tot / sum(t.numel() for t in targets)
 
-# %% ../nbs/07a_blockwise.ipynb #b0f7263a
+# %% ../nbs/07a_blockwise.ipynb #01286e36
 def _cosine(step, total, lo=0.05):
     "Learning-rate factor: cosine from 1 to `lo` over `total` steps."
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
+# %% ../nbs/07a_blockwise.ipynb #418269df
 def reconstruct_block(block:nn.Module, # the student block (trained in place)
                       xs:list, kws:list, targets:list, # inputs, keyword arguments and teacher outputs per batch
                       cfg:BlockwiseConfig, # the phase's settings

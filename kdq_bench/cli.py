@@ -164,7 +164,7 @@ def compare(cfg:StudyConfig, # the checked study
         if (out/'compare.ipynb').exists(): record(out, out/'compare.ipynb')   # ours: removed with the study on --overwrite
     return json.loads((out/'metrics.json').read_text())
 
-# %% ../nbs/11_cli.ipynb #15a6fd6d
+# %% ../nbs/11_cli.ipynb #6c22d3d3
 def _run(a:argparse.Namespace):
     if a.command == 'formats': return print(markdown_rows(formats_table(a.weights), ['format', 'bits_per_weight', 'sqnr_db']))
     if a.command == 'sweep':
@@ -176,6 +176,7 @@ def _run(a:argparse.Namespace):
     print(markdown_table(metrics))
     print(f"results: {Path(cfg.out)/'metrics.json'}, {Path(cfg.out)/'report.html'}" + (f", {Path(cfg.out)/'compare.ipynb'}" if a.command == 'compare' else ''))
 
+# %% ../nbs/11_cli.ipynb #fb2edcb8
 def main(argv=None) -> int:
     "Console script `kdq-bench`."
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -31,7 +31,7 @@ __all__ = ['DASHBOARD_FORMATS', 'TAUS', 'MONITOR_KEYS', 'model_context', 'check_
            'EntropyInspector', 'normalize_record', 'monitor_series', 'phase_spans', 'monitor_figure', 'TrainingMonitor',
            'static_bundle', 'show_static']
 
-# %% ../nbs/10_dashboards.ipynb #03d8f2ba
+# %% ../nbs/10_dashboards.ipynb #1df3de5f
 _all_ = ['static_bundle', 'show_static']   # re-exported: `from kdq_bench.dashboards import *` brings them
 
 def _model_of(x) -> nn.Module:
@@ -40,6 +40,7 @@ def _model_of(x) -> nn.Module:
     if not isinstance(m, nn.Module): raise ValueError(f"expected a torch model or a Teacher, got {type(x).__name__}")
     return m
 
+# %% ../nbs/10_dashboards.ipynb #e986ff47
 def model_context(model:nn.Module, # a model or a Teacher
                  ) -> int|None:
     "The longest sequence the model accepts (its config's `max_position_embeddings`, `n_positions`, ...), or None."
@@ -49,6 +50,7 @@ def model_context(model:nn.Module, # a model or a Teacher
         if isinstance(v, int) and v > 0: return v
     return None
 
+# %% ../nbs/10_dashboards.ipynb #b5c3e7ad
 def check_batch(model:nn.Module, # the model the batch is for (or a Teacher)
                 batch, # token ids [batch, seq] (or [seq])
                ) -> torch.Tensor:
@@ -69,18 +71,24 @@ def check_batch(model:nn.Module, # the model the batch is for (or a Teacher)
     p = next(m.parameters(), None)
     return b.long().to(p.device if p is not None else 'cpu')
 
+# %% ../nbs/10_dashboards.ipynb #b8626981
 def error_line(msg:str, # the message (a ValueError's text)
               ) -> W.HTML:
     "A one-line red HTML error message: what a dashboard shows instead of a traceback."
     return W.HTML(f'<div class="kdq-error" style="color:#b00020;font-weight:600">&#9888; {html.escape(str(msg))}</div>')
 
+# %% ../nbs/10_dashboards.ipynb #0a945136
 def _ok_line(msg:str='') -> str: return f'<div class="kdq-status" style="color:#555">{html.escape(msg)}</div>'
+
+# %% ../nbs/10_dashboards.ipynb #759a96ad
 def _warn_line(msg:str) -> str: return f'<div class="kdq-warning" style="color:#b35c00">&#9888; {html.escape(msg)}</div>'
 
+# %% ../nbs/10_dashboards.ipynb #10ef5b63
 def _close(name, names):
     close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
     return f"close matches: {close}" if close else f"names look like: {names[:3]}"
 
+# %% ../nbs/10_dashboards.ipynb #99f73e15
 def _sync(fw:go.FigureWidget, fig:go.Figure):
     "Copy `fig`'s traces and layout into the widget `fw` in one batched update (same trace structure)."
     with fw.batch_update():
@@ -89,7 +97,7 @@ def _sync(fw:go.FigureWidget, fig:go.Figure):
             old.update(d, overwrite=True)
         fw.layout.update(fig.layout.to_plotly_json(), overwrite=True)
 
-# %% ../nbs/10_dashboards.ipynb #abaf28cd
+# %% ../nbs/10_dashboards.ipynb #b03614ed
 def linear_names(model:nn.Module, # a model or a Teacher
                 ) -> list[str]:
     "Names of the model's `nn.Linear` layers (fake-quantized ones included); `ValueError` if it has none."
@@ -100,6 +108,7 @@ def linear_names(model:nn.Module, # a model or a Teacher
                          "weights of linear layers")
     return names
 
+# %% ../nbs/10_dashboards.ipynb #e7d9e03b
 def outlier_severity(absmax:torch.Tensor, # per-channel absolute maxima
                     ) -> float:
     "Outlier severity of per-channel absolute maxima: max / median (1 = flat; large = a few channels dominate)."
@@ -108,6 +117,7 @@ def outlier_severity(absmax:torch.Tensor, # per-channel absolute maxima
     med = a.median().item()
     return float('inf') if med <= 0 else a.max().item() / med
 
+# %% ../nbs/10_dashboards.ipynb #88183bc0
 def _kurtosis(x:torch.Tensor) -> float:
     "Pearson kurtosis E[(x-μ)^4]/σ^4 of all entries (3 for a Gaussian); float32 with torch's pairwise sums."
     c = x.detach().float().flatten()
@@ -116,11 +126,12 @@ def _kurtosis(x:torch.Tensor) -> float:
     m2 = c2.mean()
     return float('nan') if m2 == 0 else ((c2 * c2).mean() / (m2 * m2)).item()
 
-# %% ../nbs/10_dashboards.ipynb #b0c50540
+# %% ../nbs/10_dashboards.ipynb #75c2916c
 DASHBOARD_FORMATS = list(ALL_WEIGHT_FORMATS) + ['int8-tensor']
 
 class _Stop(Exception): "Raised by a hook to end a forward pass early."
 
+# %% ../nbs/10_dashboards.ipynb #efcc1d1f
 class OutlierReport:
     "Per-layer input and weight outlier statistics of a model on a calibration batch, ranked by outlier severity."
     def __init__(self, model, # a causal LM (or any model taking token ids) or a Teacher
@@ -210,7 +221,7 @@ class OutlierReport:
             self._inputs[name] = torch.cat(got)
         return self._inputs[name]
 
-# %% ../nbs/10_dashboards.ipynb #7c28185c
+# %% ../nbs/10_dashboards.ipynb #103356f2
 @patch
 def smooth(self:OutlierReport, name:str, # a layer of the report
            alpha:float=0.5, # SmoothQuant migration strength in [0, 1]
@@ -226,6 +237,7 @@ def smooth(self:OutlierReport, name:str, # a layer of the report
                 act_severity=outlier_severity(d['act_absmax']), act_severity_smoothed=outlier_severity(a2),
                 w_severity=outlier_severity(d['w_absmax']), w_severity_smoothed=outlier_severity(w2))
 
+# %% ../nbs/10_dashboards.ipynb #664316a8
 @patch
 def format_sqnr(self:OutlierReport, name:str, # a layer of the report
                 formats=None, # format strings (default `DASHBOARD_FORMATS`)
@@ -359,7 +371,7 @@ class OutlierInspector(W.VBox):
         except ValueError as e:
             self.error, self.status.value = str(e), error_line(e).value
 
-# %% ../nbs/10_dashboards.ipynb #6e56dd32
+# %% ../nbs/10_dashboards.ipynb #3fba1caa
 TAUS = tuple(float(t) for t in np.arange(1.0, 10.01, 0.5))
 
 def check_tau(tau, # a temperature
@@ -369,6 +381,7 @@ def check_tau(tau, # a temperature
         raise ValueError(f"tau must be a temperature in (0, 100], got {tau!r}")
     return float(tau)
 
+# %% ../nbs/10_dashboards.ipynb #c0591488
 def soft_target_band(**kw) -> dict:
     "The band `check_soft_targets` accepts: its defaults (what the trainer uses) updated with `kw` (low, high, max_frac)."
     band = {k: p.default for k, p in inspect.signature(check_soft_targets).parameters.items() if k in ('low', 'high', 'max_frac')}
@@ -377,6 +390,7 @@ def soft_target_band(**kw) -> dict:
     band.update({k: float(v) for k, v in kw.items()})
     return band
 
+# %% ../nbs/10_dashboards.ipynb #a3125069
 def teacher_logits(model, # a causal LM or a Teacher
                    batch, # token ids [batch, seq]
                    chunk:int=8, # sequences per forward pass
@@ -390,17 +404,20 @@ def teacher_logits(model, # a causal LM or a Teacher
             out.append((o.logits if hasattr(o, 'logits') else o[0] if isinstance(o, (tuple, list)) else o).float())
     return torch.cat(out)
 
+# %% ../nbs/10_dashboards.ipynb #ef570107
 def _check_logits(logits):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[-1] < 2 or not logits.dtype.is_floating_point:
         raise ValueError(f"expected logits of shape [batch, seq, vocab] with vocab >= 2, got {getattr(logits, 'shape', type(logits).__name__)}")
     return logits
 
+# %% ../nbs/10_dashboards.ipynb #74eba14d
 def entropy_at(logits:torch.Tensor, # teacher logits [batch, seq, vocab]
                tau:float, # temperature in (0, 100]
               ) -> torch.Tensor:
     "Soft-target entropy (nats) per position at τ, [batch, seq]: `kdq_bench.losses.soft_target_entropy`, the trainer's function."
     return soft_target_entropy(_check_logits(logits), check_tau(tau))
 
+# %% ../nbs/10_dashboards.ipynb #c68751f9
 def entropy_table(logits:torch.Tensor, # teacher logits [batch, seq, vocab]
                   taus=TAUS, # temperatures, each in (0, 100]
                   **band, # low, high, max_frac (default: `check_soft_targets`'s)
@@ -415,7 +432,7 @@ def entropy_table(logits:torch.Tensor, # teacher logits [batch, seq, vocab]
     df['band_low'], df['band_high'] = band['low'] * logV, band['high'] * logV
     return df
 
-# %% ../nbs/10_dashboards.ipynb #1510ab4e
+# %% ../nbs/10_dashboards.ipynb #48dda240
 def token_label(tokenizer, # a 🤗 tokenizer or None
                 i:int, # token id
                ) -> str:
@@ -425,6 +442,7 @@ def token_label(tokenizer, # a 🤗 tokenizer or None
     except Exception: txt = '?'
     return f'{txt!r} #{i}'
 
+# %% ../nbs/10_dashboards.ipynb #c9299778
 def top_soft_targets(logits:torch.Tensor, # teacher logits [batch, seq, vocab]
                      tau:float, # temperature in (0, 100]
                      seq:int=0, # sequence index in the batch
@@ -443,7 +461,7 @@ def top_soft_targets(logits:torch.Tensor, # teacher logits [batch, seq, vocab]
     return pd.DataFrame(dict(rank=range(1, k + 1), token_id=i.tolist(), token=[token_label(tokenizer, j) for j in i.tolist()],
                              prob=v.tolist(), logit=z[i].tolist()))
 
-# %% ../nbs/10_dashboards.ipynb #7e05cfbe
+# %% ../nbs/10_dashboards.ipynb #00b25d56
 def entropy_figure(logits:torch.Tensor, # teacher logits [batch, seq, vocab]
                    tau:float=4.0, # temperature shown
                    seq:int=0, # sequence shown per position
@@ -501,6 +519,7 @@ def entropy_figure(logits:torch.Tensor, # teacher logits [batch, seq, vocab]
                           f"{band['high']:g}·log V, ≤{band['max_frac']:.0%} outside on each side)")))
     return fig
 
+# %% ../nbs/10_dashboards.ipynb #f0782897
 class EntropyInspector(W.VBox):
     "Interactive soft-target entropy inspector: τ slider (1–10), sequence and position sliders over `entropy_figure`."
     def __init__(self, model, # a causal LM or a Teacher (its tokenizer is used when `tokenizer` is None)
@@ -557,7 +576,7 @@ class EntropyInspector(W.VBox):
         except ValueError as e:
             self.error, self.status.value = str(e), error_line(e).value
 
-# %% ../nbs/10_dashboards.ipynb #51813c3a
+# %% ../nbs/10_dashboards.ipynb #041cd8fc
 MONITOR_KEYS = {   # column: record keys accepted for it, first found wins (the trainer's own names first)
     'step': ('step',), 'phase': ('phase',), 'total': ('loss', 'loss/total', 'total'), 'task': ('task', 'loss/task'),
     'distill': ('distill', 'loss/distill'), 'quant': ('quant', 'loss/quant'), 'feature': ('feature', 'loss/feature'),
@@ -580,6 +599,7 @@ def normalize_record(record:dict, # one trainer record (`Trainer` callbacks rece
             except (TypeError, ValueError): out[col] = math.nan
     return out
 
+# %% ../nbs/10_dashboards.ipynb #d2e7c380
 def _stride_idx(n:int, max_points:int|None) -> list[int]:
     "Indices of at most `max_points` evenly strided rows, always including the last."
     if not max_points or n <= max_points: return list(range(n))
@@ -588,6 +608,7 @@ def _stride_idx(n:int, max_points:int|None) -> list[int]:
     if idx[-1] != n - 1: idx.append(n - 1)
     return idx
 
+# %% ../nbs/10_dashboards.ipynb #5251070c
 def monitor_series(history, # trainer records: a list of dicts, a DataFrame, or the path of a metrics.jsonl
                    max_points:int|None=None, # keep at most this many (strided) steps, the last always included
                   ) -> pd.DataFrame:
@@ -599,6 +620,7 @@ def monitor_series(history, # trainer records: a list of dicts, a DataFrame, or 
     df = pd.DataFrame(rows, columns=list(MONITOR_KEYS))
     return df.iloc[_stride_idx(len(df), max_points)].reset_index(drop=True)
 
+# %% ../nbs/10_dashboards.ipynb #de996ca4
 def phase_spans(steps, # step numbers
                 phases, # the phase of each step
                ) -> list[tuple[str, float, float]]:
@@ -609,7 +631,7 @@ def phase_spans(steps, # step numbers
         else: spans.append([p, s - 0.5, s + 0.5])
     return [tuple(x) for x in spans]
 
-# %% ../nbs/10_dashboards.ipynb #2300c963
+# %% ../nbs/10_dashboards.ipynb #82b7e412
 _PHASE_COLORS = {'warmup': 'rgba(255,127,14,0.15)', 'joint': 'rgba(31,119,180,0.10)', 'final': 'rgba(44,160,44,0.15)'}
 # (panel, column, label, color, dash); panels: 1 losses, 2 ratio, 3 λ/γ, 4 quantization error, 5 tokens/s, 6 lr
 _MONITOR_TRACES = [(1, 'total', 'L_total', 'black', 'solid'), (1, 'task', 'L_task', '#1f77b4', 'solid'),
@@ -627,10 +649,12 @@ def _monitor_arrays(df:pd.DataFrame, ratio_threshold:float) -> tuple[dict, np.nd
     cols['threshold'] = np.full(2, float(ratio_threshold))
     return cols, (x[[0, -1]] if len(x) else x)
 
+# %% ../nbs/10_dashboards.ipynb #757a8e2c
 def _span_shapes(spans) -> list[dict]:
     return [dict(type='rect', xref='x3', yref='y3 domain', x0=a, x1=b, y0=0, y1=1, line_width=0, layer='below',
                  fillcolor=_PHASE_COLORS.get(p, 'rgba(127,127,127,0.1)')) for p, a, b in spans]
 
+# %% ../nbs/10_dashboards.ipynb #95cf3cca
 def monitor_figure(history, # trainer records (list of dicts, DataFrame or metrics.jsonl path)
                    ratio_threshold:float=3.0, # the adaptive-λ rule's L_distill/L_task threshold
                    max_points:int|None=2000, # strided to at most this many steps
@@ -656,6 +680,7 @@ def monitor_figure(history, # trainer records (list of dicts, DataFrame or metri
                       shapes=_span_shapes(phase_spans(df['step'], df['phase'])), title=dict(text=_monitor_title(df.iloc[-1] if len(df) else None, title), font=dict(size=13)))
     return fig
 
+# %% ../nbs/10_dashboards.ipynb #4d170302
 def _monitor_title(r, title):
     if r is None: return f'{title}: waiting for the first step'
     return (f"{title}: step {r['step']} ({r['phase']}) · loss {r['total']:.4g} · ratio {r['ratio']:.2f} · "

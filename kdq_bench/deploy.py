@@ -90,13 +90,14 @@ def _token_types(tokenizer, n:int) -> tuple[list, list]:
              gguf.TokenType.CONTROL if i in added else gguf.TokenType.NORMAL for i in range(n)]
     return toks, [int(t) for t in types]
 
-# %% ../nbs/01a_deploy.ipynb #d5d452fb
+# %% ../nbs/01a_deploy.ipynb #5221e668
 def _gguf_tokenizer(path) -> dict:
     r = gguf.GGUFReader(str(path))
     fields = {k: f.contents() for k, f in r.fields.items() if k.startswith('tokenizer.')}
     if 'tokenizer.ggml.tokens' not in fields: raise ValueError(f"{path} holds no tokenizer (tokenizer.ggml.tokens)")
     return fields
 
+# %% ../nbs/01a_deploy.ipynb #6119d016
 def tokenizer_metadata(tokenizer, # a 🤗 fast byte-level BPE tokenizer, or a GGUF file to copy the tokenizer from
                        pre:str|None=None, # llama.cpp pre-tokenizer name (None: read from the tokenizer)
                       ) -> dict:
@@ -157,7 +158,7 @@ def _write_fields(w:gguf.GGUFWriter, meta:dict):
         elif k.endswith('token_type'): w.add_array(k, [int(x) for x in v])
         else: w.add_array(k, list(v))
 
-# %% ../nbs/01a_deploy.ipynb #7a634b8a
+# %% ../nbs/01a_deploy.ipynb #cb78aebb
 _FTYPE = {GT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, GT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
 
 def _file_type(types:set, dense:str) -> int:
@@ -165,20 +166,24 @@ def _file_type(types:set, dense:str) -> int:
     if not types: return gguf.LlamaFileType.ALL_F32 if dense == 'f32' else gguf.LlamaFileType.MOSTLY_F16
     return _FTYPE.get(next(iter(types)), gguf.LlamaFileType.GUESSED) if len(types) == 1 else gguf.LlamaFileType.GUESSED
 
+# %% ../nbs/01a_deploy.ipynb #a1b001ce
 def _rope_heads(h:dict) -> dict:
     "🤗 module name -> heads for the Q and K projections."
     return {f'model.layers.{i}.self_attn.{p}_proj': n for i in range(h['layers']) for p, n in (('q', h['heads']), ('k', h['kv']))}
 
+# %% ../nbs/01a_deploy.ipynb #eb06196a
 def _plan(layers:dict) -> dict:
     "name -> (weight format, input format, inputs) of fake-quantized linears."
     return {n: (m.w_spec, m.a_spec, m.in_features) for n, m in layers.items()}
 
+# %% ../nbs/01a_deploy.ipynb #90103e56
 def _check_gguf(plan:dict):
     for n, (w, a, k) in plan.items():
         if a is not None: raise ValueError(f"{n} quantizes its inputs ({a}); GGUF stores weights only (llama.cpp picks its activation format itself)")
         ggml_type(w)
         if k % 32: raise ValueError(f"{n} has {k} inputs; ggml blocks need a multiple of 32")
 
+# %% ../nbs/01a_deploy.ipynb #0f5e465d
 def _check_vocab(meta:dict, model):
     n_tok, n_vocab = len(meta['tokenizer.ggml.tokens']), model.get_input_embeddings().weight.shape[0]
     if n_tok != n_vocab: raise ValueError(f"the tokenizer has {n_tok} tokens, the model's embedding {n_vocab} rows; expected one vocabulary")

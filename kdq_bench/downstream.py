@@ -82,9 +82,10 @@ def _cloze_candidates(units, context_words, frequent):
             out.append(dict(context=u[sp[s][0]:a].rstrip(), target=m.group(1), doc=doc, unit=ui, span=(s, i)))
     return out
 
-# %% ../nbs/04a_downstream.ipynb #7ccfffde
+# %% ../nbs/04a_downstream.ipynb #fd063d45
 def _rng(corpus, kind, seed): return random.Random(f"{corpus}/{kind}/{seed}")   # str seeds are hashed with SHA-512: stable
 
+# %% ../nbs/04a_downstream.ipynb #8e0ac20a
 def _select(cands, n, rng, what, ok=lambda c: True):
     "Up to `n` candidates in a seeded random order, skipping any that overlaps one already taken or fails `ok`; sorted by position."
     order = list(range(len(cands))); rng.shuffle(order)
@@ -98,11 +99,13 @@ def _select(cands, n, rng, what, ok=lambda c: True):
         raise ValueError(f"{what} holds only {len(out)} non-overlapping passages that qualify; ask for n <= {len(out)}")
     return sorted(out, key=lambda c: (c['unit'], c['span']))
 
+# %% ../nbs/04a_downstream.ipynb #bb63b895
 def _unseen(corpus):
     "A test that a passage occurs nowhere in the train and validation splits (verbatim repeats exist, e.g. in Numbers 7)."
     seen = '\x1e'.join(load_documents(corpus, 'train') + load_documents(corpus, 'validation'))
     return lambda passage: passage not in seen
 
+# %% ../nbs/04a_downstream.ipynb #149a0114
 def _check_args(corpus, n, context_words):
     if corpus not in CORPORA: raise ValueError(f"unknown corpus {corpus!r}; expected one of {sorted(CORPORA)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -199,7 +202,7 @@ def _task_config(name, kind, data, meta):
                     metric_list=[_metric('acc', 'mean', True), _metric('acc_norm', 'mean', True)])
     return cfg | dict(metadata=dict(version=GENERATOR_VERSION, **meta))
 
-# %% ../nbs/04a_downstream.ipynb #0b7f4532
+# %% ../nbs/04a_downstream.ipynb #425c78df
 def write_task(name:str, # an offline task name, e.g. 'shakespeare_choice' (see `offline_tasks`)
                n:int|None=None, # examples (None: `DEFAULT_SIZES` of its kind)
                seed:int=0, # generator seed
@@ -228,6 +231,7 @@ def write_task(name:str, # an offline task name, e.g. 'shakespeare_choice' (see 
     except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process wrote it first: keep its copy
     return folder
 
+# %% ../nbs/04a_downstream.ipynb #0f3a4b1a
 def read_task(folder:str|Path, # a folder written by `write_task`
              ) -> list[dict]:
     "The examples of a task folder written by `write_task`."
@@ -235,7 +239,7 @@ def read_task(folder:str|Path, # a folder written by `write_task`
     if len(files) != 1: raise ValueError(f"{folder} should hold exactly one .jsonl file written by write_task, found {len(files)}")
     return [json.loads(l) for l in files[0].read_text(encoding='utf-8').splitlines() if l.strip()]
 
-# %% ../nbs/04a_downstream.ipynb #62bc5cb2
+# %% ../nbs/04a_downstream.ipynb #3e0c7b3a
 def context_length(model:nn.Module) -> int:
     "The model's context in tokens, read from its config as the harness does (2048 when the config names none)."
     cfg = getattr(model, 'config', None)
@@ -244,6 +248,7 @@ def context_length(model:nn.Module) -> int:
         if getattr(cfg, k, None) is not None: return int(getattr(cfg, k))
     return 2048
 
+# %% ../nbs/04a_downstream.ipynb #c150f3b5
 def encode_pair(tokenizer, # 🤗 tokenizer
                 context:str, # conditioning text (not empty)
                 continuation:str, # text to score
@@ -255,6 +260,7 @@ def encode_pair(tokenizer, # 🤗 tokenizer
     ctx = tokenizer.encode(context)
     return ctx, tokenizer.encode(context + continuation)[len(ctx):]
 
+# %% ../nbs/04a_downstream.ipynb #5bd2ca04
 @torch.no_grad()
 def loglikelihood(model:nn.Module, # 🤗 causal LM
                   tokenizer, # its tokenizer
@@ -271,7 +277,7 @@ def loglikelihood(model:nn.Module, # 🤗 causal LM
     target = torch.tensor(cont, device=logp.device)
     return logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())
 
-# %% ../nbs/04a_downstream.ipynb #de1ad7bb
+# %% ../nbs/04a_downstream.ipynb #e2b35365
 @contextlib.contextmanager
 def _eval_mode(model):
     training = model.training
@@ -279,6 +285,7 @@ def _eval_mode(model):
     try: yield model
     finally: model.train(training)
 
+# %% ../nbs/04a_downstream.ipynb #416b4d61
 def cloze_accuracy(model:nn.Module, # 🤗 causal LM
                    tokenizer, # its tokenizer
                    examples:list[dict], # from `cloze_examples` (or `read_task`)
@@ -289,6 +296,7 @@ def cloze_accuracy(model:nn.Module, # 🤗 causal LM
     ll, greedy = np.array([r[0] for r in res]), np.array([r[1] for r in res])
     return dict(acc=float(greedy.mean()), perplexity=math.exp(-ll.mean()), n=len(examples), loglik=ll, greedy=greedy)
 
+# %% ../nbs/04a_downstream.ipynb #38b6c8d0
 def choice_accuracy(model:nn.Module, # 🤗 causal LM
                     tokenizer, # its tokenizer
                     examples:list[dict], # from `choice_examples` (or `read_task`)
@@ -323,7 +331,7 @@ def resolve_tasks(tasks:str|list[str], # task names
                          f"also works online (e.g. {', '.join(HARNESS_EXAMPLES)}; `lm-eval ls tasks` lists them)")
     return offline, rest
 
-# %% ../nbs/04a_downstream.ipynb #7083b3ae
+# %% ../nbs/04a_downstream.ipynb #81f0645e
 @contextlib.contextmanager
 def _as_given(model, tokenizer):
     "Keep the harness from changing what it is given: no re-tied weights, same training mode, pad token and RNG states."
@@ -339,6 +347,7 @@ def _as_given(model, tokenizer):
         if tokenizer.pad_token != pad: tokenizer.pad_token = pad
         random.setstate(states[0]); np.random.set_state(states[1]); torch.set_rng_state(states[2])
 
+# %% ../nbs/04a_downstream.ipynb #648da845
 @contextlib.contextmanager
 def _harness_env(quiet, offline):
     "Around one harness run: no network from `datasets` for local tasks, standard errors bootstrapped in this process, and quiet logs."
@@ -358,7 +367,7 @@ def _harness_env(quiet, offline):
         else: os.environ['DISABLE_MULTIPROC'] = saved[3]
         if saved[4]: dlog.enable_progress_bar()
 
-# %% ../nbs/04a_downstream.ipynb #2347b2c0
+# %% ../nbs/04a_downstream.ipynb #063f647c
 def _model_and_tokenizer(model, tokenizer):
     if isinstance(model, Teacher): model, tokenizer = model.model, tokenizer or model.tokenizer
     if not isinstance(model, PreTrainedModel):
@@ -370,6 +379,7 @@ def _model_and_tokenizer(model, tokenizer):
         raise ValueError(f"expected a 🤗 tokenizer, got {type(tokenizer).__name__}")
     return model, tokenizer
 
+# %% ../nbs/04a_downstream.ipynb #124d6979
 def _tidy(results, order):
     rows = []
     for task, r in results['results'].items():

@@ -243,10 +243,11 @@ def greedy_decode(model:nn.Module, # 🤗 causal LM (uses `past_key_values`)
         ids.append(nxt)
     return torch.cat(ids, 1)
 
-# %% ../nbs/04_evaluate.ipynb #bd11a1cf
+# %% ../nbs/04_evaluate.ipynb #abf72f7c
 def _sync(dev):
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
+# %% ../nbs/04_evaluate.ipynb #3c5c28cc
 def latency(model:nn.Module, # 🤗 causal LM
             seq_len:int=128, # prompt / forward length
             batch_size:int=1, # batch size

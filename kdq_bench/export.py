@@ -24,17 +24,19 @@ __all__ = ['PACKED_KEYS', 'INT4_KERNEL_GROUPS', 'HAS_INT4_KERNEL', 'HAS_INT8_KER
            'export_linear', 'save_quantized', 'read_quant_config', 'load_quantized', 'size_report',
            'packed_matmul_speed']
 
-# %% ../nbs/01_export.ipynb #51d0f78e
+# %% ../nbs/01_export.ipynb #f263044a
 def packed_nbytes(n:int, # number of codes
                   bits:int, # bits per code
                  ) -> int:
     "Bytes taken by `n` codes of `bits` bits in the LSB-first bitstream."
     return (n * bits + 7) // 8
 
+# %% ../nbs/01_export.ipynb #5b4669ce
 def _check_bits(bits):
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
 
+# %% ../nbs/01_export.ipynb #37ea437e
 def pack_bits(codes:torch.Tensor, # unsigned integer codes in [0, 2**bits), any shape (flattened row-major)
               bits:int, # bits per code, 1..8
              ) -> torch.Tensor:
@@ -59,6 +61,7 @@ def pack_bits(codes:torch.Tensor, # unsigned integer codes in [0, 2**bits), any 
     out = ((words >> (8 * torch.arange(bits))) & 0xFF).to(torch.uint8)
     return out.reshape(-1)[:packed_nbytes(n, bits)]
 
+# %% ../nbs/01_export.ipynb #17c937be
 def unpack_bits(packed:torch.Tensor, # 1-d uint8 tensor from `pack_bits`
                 bits:int, # bits per code, 1..8
                 n:int, # number of codes to read back
@@ -79,7 +82,7 @@ def unpack_bits(packed:torch.Tensor, # 1-d uint8 tensor from `pack_bits`
     words = (p << (8 * torch.arange(bits))).sum(-1, keepdim=True)
     return ((words >> (bits * torch.arange(8))) & mask).to(torch.uint8).reshape(-1)[:n]
 
-# %% ../nbs/01_export.ipynb #0a660de0
+# %% ../nbs/01_export.ipynb #e1c7b4b9
 PACKED_KEYS = ('qweight', 'scale', 'zero', 'global_scale')
 _FP8_DTYPES = {'e4m3': torch.float8_e4m3fn, 'e5m2': torch.float8_e5m2}
 
@@ -93,6 +96,7 @@ def e8m0_encode(scale:torch.Tensor, # positive power-of-two scales (float32)
         raise ValueError(f"E8M0 scales must be powers of two in [2**-127, 2**127], got {bad!r}")
     return (e + 126).to(torch.uint8)
 
+# %% ../nbs/01_export.ipynb #cb3b38a3
 def e8m0_decode(e:torch.Tensor, # uint8 E8M0 exponents
                ) -> torch.Tensor:
     "Float32 scales 2**(e - 127) from E8M0 bytes (255, E8M0's NaN, is refused)."
@@ -100,6 +104,7 @@ def e8m0_decode(e:torch.Tensor, # uint8 E8M0 exponents
     if e.numel() and int(e.max()) == 255: raise ValueError("E8M0 exponent 255 encodes NaN; expected 0..254")
     return torch.exp2(e.float() - 127)
 
+# %% ../nbs/01_export.ipynb #13be8da3
 def _compact_int(z:torch.Tensor) -> torch.Tensor:
     "`z` in the smallest of uint8/int8/int16/int32 that holds all its values."
     lo, hi = (int(z.min()), int(z.max())) if z.numel() else (0, 0)
@@ -107,7 +112,7 @@ def _compact_int(z:torch.Tensor) -> torch.Tensor:
         if torch.iinfo(dt).min <= lo and hi <= torch.iinfo(dt).max: return z.to(dt).contiguous()
     raise ValueError(f"zero points in [{lo}, {hi}] do not fit in int32")
 
-# %% ../nbs/01_export.ipynb #1157e8f5
+# %% ../nbs/01_export.ipynb #9a28bdda
 def scale_shape(spec:QuantSpec|str, # weight format
                 shape, # weight shape [out, in]
                ) -> tuple:
@@ -121,10 +126,12 @@ def scale_shape(spec:QuantSpec|str, # weight format
     raise ValueError(f"{spec} quantizes activations per token at run time, so there are no weights to pack; "
                      "expected a weight format (per channel, per group or per tensor)")
 
+# %% ../nbs/01_export.ipynb #9454ff88
 def _offset_codes(qt:QTensor) -> torch.Tensor:
     "Integer codes shifted to [0, 2**bits): q - qmin."
     return qt.codes.to(torch.int16) - qt.spec.qmin
 
+# %% ../nbs/01_export.ipynb #9c7b6e84
 def pack_qtensor(qt:QTensor, # output of `quantize` for a 2-d weight
                 ) -> dict:
     "Packed tensors of `qt`: 'qweight' (uint8 bytes, or raw float8), 'scale', and 'zero'/'global_scale' where the format has them."
@@ -155,6 +162,7 @@ def pack_qtensor(qt:QTensor, # output of `quantize` for a 2-d weight
         out['zero'] = _compact_int(qt.zero)
     return out
 
+# %% ../nbs/01_export.ipynb #ebacfafd
 def unpack_qtensor(packed:dict, # tensors from `pack_qtensor`
                    spec:QuantSpec|str, # weight format
                    shape, # weight shape [out, in]
@@ -187,17 +195,19 @@ def unpack_qtensor(packed:dict, # tensors from `pack_qtensor`
     gs = packed['global_scale'].float().reshape(()) if spec.kind == 'nvfp4' else None
     return QTensor(spec, shape, codes, scale, zero, gs)
 
+# %% ../nbs/01_export.ipynb #cb224c03
 def tensors_nbytes(tensors:dict) -> int:
     "Total bytes of a dict of tensors."
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
-# %% ../nbs/01_export.ipynb #6fa02bcf
+# %% ../nbs/01_export.ipynb #f02f7fda
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 
 def _has_aten(name): 
     try: getattr(torch.ops.aten, name); return True
     except (AttributeError, RuntimeError): return False
 
+# %% ../nbs/01_export.ipynb #f29770e1
 HAS_INT4_KERNEL = _has_aten('_weight_int4pack_mm_for_cpu') and _has_aten('_convert_weight_to_int4pack_for_cpu')
 HAS_INT8_KERNEL = _has_aten('_weight_int8pack_mm')
 
@@ -211,12 +221,14 @@ def int4pack_group(spec:QuantSpec|str, # weight format
     glen = spec.group_size if spec.granularity == 'group' else n
     return next((g for g in INT4_KERNEL_GROUPS if glen % g == 0 and n % g == 0), None)
 
+# %% ../nbs/01_export.ipynb #2981d4d8
 def int8pack_ok(spec:QuantSpec|str, # weight format
                ) -> bool:
     "Whether torch's CPU int8 kernel computes `spec` (symmetric, per channel or per tensor)."
     spec = QuantSpec.parse(spec)
     return spec.kind == 'int' and spec.symmetric and spec.granularity in ('channel', 'tensor')
 
+# %% ../nbs/01_export.ipynb #474678f5
 def to_int4pack(qt:QTensor, # integer QTensor with bits <= 4
                ) -> tuple:
     "(packed weight, group size, scales_and_zeros) for `torch.ops.aten._weight_int4pack_mm_for_cpu`."
@@ -234,6 +246,7 @@ def to_int4pack(qt:QTensor, # integer QTensor with bits <= 4
     w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
     return w, g, torch.stack([s.t(), zk.t()], -1).contiguous()
 
+# %% ../nbs/01_export.ipynb #4d1c04ec
 def choose_backend(spec:QuantSpec|str, # weight format
                    shape, # weight shape [out, in]
                    device='cpu', # where the weights live
@@ -375,7 +388,7 @@ def export_linear(layer:FakeQuantLinear, # a fake-quantized linear layer
             raise ValueError(f"packed {qt.spec} weight differs from the fake-quantized one (max |diff| {(got - ref).abs().max().item():.3g})")
     return packed
 
-# %% ../nbs/01_export.ipynb #69a9fa18
+# %% ../nbs/01_export.ipynb #20b20704
 WEIGHTS_NAME, CONFIG_NAME, HF_CONFIG_NAME = 'model.safetensors', 'quant_config.json', 'config.json'
 FORMAT_NAME, FORMAT_VERSION = 'kdq_bench.packed', 1
 PACKING_DOC = {
@@ -392,6 +405,7 @@ PACKING_DOC = {
 def _is_transformers(model) -> bool:
     return type(model).__module__.startswith('transformers.') and hasattr(getattr(model, 'config', None), 'to_json_file')
 
+# %% ../nbs/01_export.ipynb #19d1bc90
 def save_quantized(model:nn.Module, # model whose linears are FakeQuantLinear (from `quantize_model`)
                    path, # output directory (created)
                    verify:bool=True, # check each packed weight against its fake-quantized weight, bit for bit
@@ -424,6 +438,7 @@ def save_quantized(model:nn.Module, # model whose linears are FakeQuantLinear (f
     if cfg['model']['transformers']: model.config.to_json_file(str(path / HF_CONFIG_NAME))
     return path
 
+# %% ../nbs/01_export.ipynb #c05aa1fc
 def read_quant_config(path) -> dict:
     "The `quant_config.json` of a directory written by `save_quantized` (checked)."
     f = Path(path) / CONFIG_NAME
@@ -433,6 +448,7 @@ def read_quant_config(path) -> dict:
         raise ValueError(f"{f} is not a {FORMAT_NAME} v{FORMAT_VERSION} config (format={cfg.get('format')!r}, version={cfg.get('version')!r})")
     return cfg
 
+# %% ../nbs/01_export.ipynb #4126780c
 def _skeleton(path:Path, cfg:dict, model):
     if isinstance(model, nn.Module): return model
     if model is None:
@@ -448,6 +464,7 @@ def _skeleton(path:Path, cfg:dict, model):
         return cls(model)
     raise ValueError(f"model must be an nn.Module skeleton, a transformers config or None, got {type(model).__name__}")
 
+# %% ../nbs/01_export.ipynb #2978cddd
 def load_quantized(path, # directory written by `save_quantized`
                    model=None, # skeleton nn.Module (changed in place), a transformers config, or None (rebuild from config.json)
                    backend:str='auto', # PackedLinear backend for every layer

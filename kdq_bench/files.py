@@ -30,14 +30,16 @@ class WriteError(OSError):
         where = self.filename + (f" ({self.detail})" if self.detail else "")
         return f"cannot write {where}: {self.strerror}" + (f" [{name}]" if name else "")
 
-# %% ../nbs/00a_files.ipynb #431ae19e
+# %% ../nbs/00a_files.ipynb #dce490a2
 def _tmp_path(path:Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
+# %% ../nbs/00a_files.ipynb #69abdcbf
 def _unlink(p):
     try: os.unlink(p)
     except OSError: pass
 
+# %% ../nbs/00a_files.ipynb #b1dcf600
 def _os_cause(e:BaseException, folder:Path) -> OSError|None:
     "The operating-system error behind `e`: itself, one it was raised from, one named in a library's message, or a full/read-only disk."
     x, bare = e, None
@@ -55,6 +57,7 @@ def _os_cause(e:BaseException, folder:Path) -> OSError|None:
     if free < min(1 << 20, st.f_blocks * st.f_frsize // 100): return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return bare
 
+# %% ../nbs/00a_files.ipynb #ba9fb306
 def _fsync(path:Path, directory:bool=False):
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try: os.fsync(fd)
@@ -117,7 +120,7 @@ def _read_marker(folder:Path) -> dict|None:
         raise ValueError(f"{folder}: its marker {MARKER} is unreadable ({e}); kdq_bench cannot tell which files "
                          "there are its own: choose another folder, or delete this one yourself") from None
 
-# %% ../nbs/00a_files.ipynb #ccb6c059
+# %% ../nbs/00a_files.ipynb #9b8af7af
 def _forbidden(path:Path) -> str|None:
     "Why no kdq_bench output may go to `path` whatever it holds (None when it may)."
     home, cwd = Path.home().resolve(), Path.cwd().resolve()
@@ -126,6 +129,7 @@ def _forbidden(path:Path) -> str|None:
     if cwd == path or path in cwd.parents: return f"it contains the current working directory ({cwd})"
     return None
 
+# %% ../nbs/00a_files.ipynb #a35d0fc0
 def check_folder(path:str|Path, # the output folder asked for
                  kind:str, # what kdq_bench would write there ('study', 'train-run', ...)
                 ) -> Path:
@@ -230,13 +234,14 @@ def remove_owned(folder:str|Path, # a kdq_bench folder (one with a marker)
     if m.get('created_folder') and not any(folder.iterdir()): folder.rmdir(); removed.append(folder)
     return removed
 
-# %% ../nbs/00a_files.ipynb #d66b236f
+# %% ../nbs/00a_files.ipynb #3a3e276b
 def _sync_tree(d:Path):
     for sub, ds, fs in os.walk(d):
         for f in fs:
             if not os.path.islink(os.path.join(sub, f)): _fsync(Path(sub)/f)
         _fsync(Path(sub), directory=True)
 
+# %% ../nbs/00a_files.ipynb #e6f39632
 def _exchange(a:Path, b:Path) -> bool:
     "Swap two paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the system cannot."
     try: f = ctypes.CDLL(None, use_errno=True).renameat2
@@ -246,6 +251,7 @@ def _exchange(a:Path, b:Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP): return False
     raise OSError(err, os.strerror(err), str(b))
 
+# %% ../nbs/00a_files.ipynb #55cf8d69
 def _swap_in(tmp:Path, final:Path, kind:str):
     "Put `tmp` in the place of `final`, then remove the previous `final` (kept aside if anything not kdq_bench's is in it)."
     if _exchange(tmp, final): aside = tmp                     # readers never see `final` missing

@@ -78,7 +78,7 @@ class FeatureCapture:
     def __exit__(self, *exc): self.remove()
     def __repr__(self): return f"FeatureCapture({len(self.names)} modules, active={self.active}, captured={list(self.features)})"
 
-# %% ../nbs/05_hooks.ipynb #a85bba7d
+# %% ../nbs/05_hooks.ipynb #bf2ab2d9
 class FeatureProjector(nn.Module):
     "Learned linear map from the student's feature width to the teacher's (the identity when they are equal)."
     def __init__(self, s_dim:int, # student feature width
@@ -94,10 +94,12 @@ class FeatureProjector(nn.Module):
         if x.shape[-1] != self.s_dim: raise ValueError(f"expected features of width {self.s_dim}, got shape {tuple(x.shape)}")
         return self.proj(x)
 
+# %% ../nbs/05_hooks.ipynb #c61c37e5
 def pair_key(s_name:str, t_name:str) -> str:
     "Key of a (student, teacher) feature pair in a `nn.ModuleDict` (dots are not allowed there)."
     return f"{s_name}->{t_name}".replace('.', '__')
 
+# %% ../nbs/05_hooks.ipynb #58ab172c
 def _widths(model, names, sample):
     mods, out, need = dict(model.named_modules()), {}, []
     for n in names:
@@ -110,6 +112,7 @@ def _widths(model, names, sample):
         out.update({n: cap[n].shape[-1] for n in need})
     return out
 
+# %% ../nbs/05_hooks.ipynb #fb3a18cf
 def build_projectors(student:nn.Module, # student model
                      teacher:nn.Module, # teacher model
                      pairs, # [(student_name, teacher_name), ...]
@@ -122,6 +125,7 @@ def build_projectors(student:nn.Module, # student model
     dev = next(student.parameters()).device
     return nn.ModuleDict({pair_key(s, t): FeatureProjector(sw[s], tw[t]) for s, t in pairs}).to(dev)
 
+# %% ../nbs/05_hooks.ipynb #0911cd96
 def layer_pairs(student:nn.Module, # student model
                 teacher:nn.Module, # teacher model
                 modules=('self_attn.o_proj', 'mlp.down_proj'), # module suffixes inside a decoder layer
@@ -139,7 +143,7 @@ def layer_pairs(student:nn.Module, # student model
     resolve_names(student, [s for s, _ in pairs]); resolve_names(teacher, [t for _, t in pairs])
     return pairs
 
-# %% ../nbs/05_hooks.ipynb #ec5022c7
+# %% ../nbs/05_hooks.ipynb #c92216a2
 def _batch_stats(x:torch.Tensor, lo:float, hi:float, bins:int):
     "Per-channel mean, central sums M2, M3, M4, absmax and the log10|x| histogram of x [n, C] (float32)."
     mean = x.mean(0)
@@ -148,10 +152,12 @@ def _batch_stats(x:torch.Tensor, lo:float, hi:float, bins:int):
     lg = torch.log10(x.abs().clamp_min(10.0 ** lo)).clamp(max=hi)
     return mean, d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0), x.abs().amax(0), torch.histc(lg, bins, lo, hi)
 
+# %% ../nbs/05_hooks.ipynb #269e86d4
 @lru_cache(maxsize=None)
 def _compiled_batch_stats():
     return torch.compile(_batch_stats, dynamic=True)
 
+# %% ../nbs/05_hooks.ipynb #b3d1d5b8
 def _merge_moments(a, b):
     "Pairwise merge of (n, mean, M2, M3, M4) of two disjoint sets (Pébay 2008, eq. 2.1)."
     na, ma, m2a, m3a, m4a = a

@@ -23,15 +23,17 @@ __all__ = ['DIVERGENCES', 'FEATURE_LOSSES', 'PHASES', 'auto_chunk', 'row_losses'
            'quant_penalty', 'QuantPenaltyHooks', 'soft_target_entropy', 'check_soft_targets', 'entropy_sweep',
            'choose_temperature', 'LossSchedule', 'JointLoss']
 
-# %% ../nbs/06_losses.ipynb #7581bac1
+# %% ../nbs/06_losses.ipynb #eccb819e
 def _compute_dtype(t:torch.Tensor) -> torch.dtype:
     "float32, or float64 when the input is float64 (for gradient checks)."
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
+# %% ../nbs/06_losses.ipynb #af40716c
 def auto_chunk(vocab:int) -> int:
     "Default rows per chunk: about 2^22 logits (16 MB in float32) per chunk."
     return max(1, (1 << 22) // max(1, vocab))
 
+# %% ../nbs/06_losses.ipynb #d990cc30
 def _row_chunks(valid:torch.Tensor, chunk:int):
     "Row index tensors (or slices, when every row is valid) covering the valid rows in chunks."
     n = valid.shape[0]
@@ -39,6 +41,7 @@ def _row_chunks(valid:torch.Tensor, chunk:int):
     rows = valid.nonzero().squeeze(1)
     return [rows[i:i + chunk] for i in range(0, rows.numel(), chunk)]
 
+# %% ../nbs/06_losses.ipynb #a2cf984d
 class _RowLoss(torch.autograd.Function):
     "Per-row losses of fn over valid rows; the gradient wrt the student rows is computed chunk by chunk in forward."
     @staticmethod
@@ -74,6 +77,7 @@ class _RowLoss(torch.autograd.Function):
         ctx.used = True
         return grad.mul_(g), None, None, None, None, None, None   # in place: no second [N, V] tensor
 
+# %% ../nbs/06_losses.ipynb #a3125b2d
 def row_losses(fn, # fn(student_rows_float, *other_rows) -> per-row loss [n] (or [n, m] with `weights`)
                s:torch.Tensor, # student logits [N, V] (any float dtype)
                others=(), # tensors whose first dimension is N (or None), sliced like the student rows
@@ -103,7 +107,7 @@ def row_losses(fn, # fn(student_rows_float, *other_rows) -> per-row loss [n] (or
             out[r] = l
     return out if weights is None else (out, parts)
 
-# %% ../nbs/06_losses.ipynb #9fe0f1a8
+# %% ../nbs/06_losses.ipynb #32b58e70
 def tail_logsumexp(logits:torch.Tensor, # [..., V] teacher logits (any constant shift, the same as the top-k values')
                    indices:torch.Tensor, # [..., k] the top-k indices, k < V
                    tau:float, # temperature
@@ -112,6 +116,7 @@ def tail_logsumexp(logits:torch.Tensor, # [..., V] teacher logits (any constant 
     if indices.shape[-1] >= logits.shape[-1]: raise ValueError("the top-k covers the whole vocabulary: there is no tail")
     return torch.logsumexp((logits.detach().float() / tau).scatter(-1, indices, float('-inf')), -1)
 
+# %% ../nbs/06_losses.ipynb #ee4bedeb
 class TopKLogits(NamedTuple):
     "The teacher's k largest logits per position (raw, τ=1), their vocabulary indices, and optionally the tempered tail mass."
     values: torch.Tensor   # [..., k] float logits
@@ -134,7 +139,7 @@ class TopKLogits(NamedTuple):
         "Every tensor on `device`."
         return TopKLogits(self.values.to(device), self.indices.to(device), None if self.tail is None else self.tail.to(device), self.tau)
 
-# %% ../nbs/06_losses.ipynb #ad68ba11
+# %% ../nbs/06_losses.ipynb #fe987a01
 DIVERGENCES = ('forward_kl', 'reverse_kl', 'js', 'cakld')
 _NEG = -1e30   # stands for log(0) without creating NaN in 0·log 0 products
 
@@ -142,10 +147,12 @@ def _kl_rows(lp:torch.Tensor, lq:torch.Tensor) -> torch.Tensor:
     "KL(p‖q) per row from log-probabilities (lp may hold _NEG for p = 0)."
     return (lp.exp() * (lp - lq)).sum(-1)
 
+# %% ../nbs/06_losses.ipynb #5085344b
 def _js_rows(ls, lt):
     lm = torch.logaddexp(ls, lt) - math.log(2.0)
     return 0.5 * _kl_rows(ls, lm) + 0.5 * _kl_rows(lt, lm)
 
+# %% ../nbs/06_losses.ipynb #8b7d34f8
 def _divergence_fn(kind:str, tau:float, beta:float|None):
     "Per-row divergence fn(student_rows, teacher_rows, topk_indices_or_None)."
     def fn(x, t, idx):
@@ -175,7 +182,7 @@ def _divergence_fn(kind:str, tau:float, beta:float|None):
         return beta * rev() + (1 - beta) * fwd()
     return fn
 
-# %% ../nbs/06_losses.ipynb #7eb615e0
+# %% ../nbs/06_losses.ipynb #c3ac2941
 def _flatten_inputs(s_logits, t_logits, mask, labels):
     "Student rows [N, V], teacher rows, top-k indices (or None), valid mask [N], labels [N] (or None)."
     if not isinstance(s_logits, torch.Tensor) or s_logits.dim() < 2:
@@ -188,6 +195,7 @@ def _flatten_inputs(s_logits, t_logits, mask, labels):
         raise ValueError(f"top-k teacher indices must lie in 0..{V-1} (the student's vocabulary)")
     return s_logits.reshape(-1, V), tv, idx, valid.to(s_logits.device), lab
 
+# %% ../nbs/06_losses.ipynb #bcd2d1c1
 def _teacher_rows(t_logits, lead, mask, labels):
     "Teacher rows, top-k indices (or None), valid mask [N] and labels [N] (or None), flattened over `lead`."
     if isinstance(t_logits, TopKLogits):
@@ -214,6 +222,7 @@ def _teacher_rows(t_logits, lead, mask, labels):
         labels = labels.reshape(-1).clamp_min(0)
     return tv, idx, valid.reshape(-1), labels
 
+# %% ../nbs/06_losses.ipynb #6381aafc
 def teacher_confidence(t_logits:torch.Tensor|TopKLogits, # teacher logits [..., V] or TopKLogits
                        labels:torch.Tensor|None=None, # target token per position ([...], -100 = ignore); None: use the top token
                        mask:torch.Tensor|None=None, # bool [...], True = valid position
@@ -261,7 +270,7 @@ def distill_loss(s_logits:torch.Tensor, # student logits [..., V]
     if reduction == 'sum': return per_tok.sum()
     return per_tok.sum() / valid.sum().clamp_min(1)
 
-# %% ../nbs/06_losses.ipynb #1756cfa0
+# %% ../nbs/06_losses.ipynb #c8757f22
 def shift_targets(labels:torch.Tensor, # [B, T] token ids, -100 = ignore
                   mask:torch.Tensor|None=None, # [B, T] attention mask (1 = real token)
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +285,7 @@ def shift_targets(labels:torch.Tensor, # [B, T] token ids, -100 = ignore
         valid[:, :-1] &= m[:, :-1] & m[:, 1:]
     return torch.where(valid, tgt, torch.full_like(tgt, -100)), valid
 
+# %% ../nbs/06_losses.ipynb #f58d3e8d
 def causal_lm_loss(logits:torch.Tensor, # [B, T, V] student logits
                    labels:torch.Tensor, # [B, T] token ids (usually the input ids), -100 = ignore
                    mask:torch.Tensor|None=None, # [B, T] attention mask
@@ -318,7 +328,7 @@ def feature_loss(s_feat:torch.Tensor, # student features [..., D]
     if kind == 'cosine': return (1 - F.cosine_similarity(s, t, dim=-1, eps=eps)).mean()
     return tau**2 * _kl_rows(F.log_softmax(t / tau, -1), F.log_softmax(s / tau, -1)).mean()
 
-# %% ../nbs/06_losses.ipynb #a3dbf8cd
+# %% ../nbs/06_losses.ipynb #c5a6d24f
 def layer_quant_error(layer:nn.Module, # a FakeQuantLinear
                       normalize:str='scale', # 'scale' (error in units of the format's step), 'weight' (÷ mean W²) or 'none'
                      ) -> torch.Tensor:
@@ -334,6 +344,7 @@ def layer_quant_error(layer:nn.Module, # a FakeQuantLinear
     if normalize == 'weight': return err.pow(2).mean() / W.detach().float().pow(2).mean().clamp_min(1e-30)
     return err.pow(2).mean()
 
+# %% ../nbs/06_losses.ipynb #557686f9
 def quant_penalty(model:nn.Module, # the student (with FakeQuantLinear layers)
                   normalize:str='scale', # see `layer_quant_error`
                   layers=None, # names or glob patterns of layers to include (None: all fake-quantized layers)
@@ -399,7 +410,7 @@ def remove(self:QuantPenaltyHooks):
     "Remove the hooks."
     for h in self.handles: h.remove()
 
-# %% ../nbs/06_losses.ipynb #4e02bc36
+# %% ../nbs/06_losses.ipynb #6a00bbb6
 def soft_target_entropy(logits:torch.Tensor|TopKLogits, # teacher logits [..., V] or TopKLogits
                         tau:float=1.0, # temperature
                         mask:torch.Tensor|None=None, # bool [...]: positions to keep
@@ -417,6 +428,7 @@ def soft_target_entropy(logits:torch.Tensor|TopKLogits, # teacher logits [..., V
     lead = (logits.values if isinstance(logits, TopKLogits) else logits).shape[:-1]
     return out[valid] if mask is not None else out.reshape(lead)
 
+# %% ../nbs/06_losses.ipynb #5f8dbbe5
 def _top_mass(tv, valid, tau, k=10, chunk_size=None):
     "Mean probability mass of the k most likely entries over the valid rows."
     chunk = auto_chunk(tv.shape[-1]) if chunk_size is None else chunk_size
@@ -427,6 +439,7 @@ def _top_mass(tv, valid, tau, k=10, chunk_size=None):
             tot += float(p.topk(min(k, p.shape[-1]), -1).values.sum(-1).double().sum()); n += p.shape[0]
     return tot / max(n, 1)
 
+# %% ../nbs/06_losses.ipynb #28983d00
 def check_soft_targets(t_logits:torch.Tensor|TopKLogits, # teacher logits [..., V] or TopKLogits
                        tau:float, # the distillation temperature
                        low:float=0.05, # normalized entropy H/log V below this: near one-hot
@@ -459,6 +472,7 @@ def check_soft_targets(t_logits:torch.Tensor|TopKLogits, # teacher logits [..., 
         if action == 'warn': warnings.warn(res['message'], stacklevel=2)
     return res
 
+# %% ../nbs/06_losses.ipynb #0f048b3b
 def entropy_sweep(t_logits:torch.Tensor|TopKLogits, # teacher logits [..., V] or TopKLogits
                   taus=(1, 2, 3, 4, 5, 8), # temperatures to try
                   mask:torch.Tensor|None=None, # bool [...]: positions to consider

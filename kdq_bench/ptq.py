@@ -20,21 +20,24 @@ from .models import decoder_layers
 __all__ = ['MASTERS', 'GPTQ_FORMATS', 'LLAMA_SEQUENCE', 'PTQ_METHODS', 'rtn', 'layer_inputs', 'gptq_quantize_weight',
            'output_error', 'gptq', 'fold_scales', 'awq', 'smooth_scales', 'smoothquant', 'ptq', 'layer_errors']
 
-# %% ../nbs/07_ptq.ipynb #93c3c978
+# %% ../nbs/07_ptq.ipynb #b0820658
 def _weight_spec(weights) -> QuantSpec:
     spec = QuantSpec.parse(weights)
     if spec.granularity == 'token':
         raise ValueError(f"{spec} quantizes activations per token; expected a weight format such as 'int4-g128', 'int8' or 'nf4'")
     return spec
 
+# %% ../nbs/07_ptq.ipynb #a574229f
 def _check_masters(masters):
     if masters not in MASTERS: raise ValueError(f"masters must be one of {MASTERS}, got {masters!r}")
 
+# %% ../nbs/07_ptq.ipynb #f64ee071
 def _check_fp(model:nn.Module):
     if not isinstance(model, nn.Module): raise ValueError(f"expected a torch model, got {type(model).__name__}")
     if fake_quant_layers(model):
         raise ValueError("the model already holds FakeQuantLinear layers; PTQ expects a full-precision model (e.g. a fresh copy of the teacher)")
 
+# %% ../nbs/07_ptq.ipynb #1195cdc8
 MASTERS = ('grid', 'unrounded')
 
 def _freeze_linear(model:nn.Module, name:str, lin:nn.Linear, spec:QuantSpec, a_spec=None,
@@ -65,17 +68,20 @@ def rtn(model:nn.Module, # full-precision model (changed in place)
     for n, m in targets.items(): _freeze_linear(model, n, m, spec, a_spec, master=m.weight.detach().clone() if masters == 'unrounded' else None)
     return model
 
-# %% ../nbs/07_ptq.ipynb #71d17eab
+# %% ../nbs/07_ptq.ipynb #be7b0825
 class _Stop(Exception): "Raised by a hook to end a forward pass early."
 
+# %% ../nbs/07_ptq.ipynb #01f0ea90
 def _check_calib(calib) -> torch.Tensor:
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.is_floating_point() or calib.numel() == 0:
         raise ValueError("calib must be a LongTensor of token ids [n_samples, seq_len] "
                          "(e.g. kdq_bench.data.calibration_set(tokens, 128, 512))")
     return calib.long()
 
+# %% ../nbs/07_ptq.ipynb #5c6b27ee
 def _out(o): return o[0] if isinstance(o, (tuple, list)) else o
 
+# %% ../nbs/07_ptq.ipynb #17df719c
 @contextmanager
 def _eval_mode(*models):
     "Evaluation mode (no dropout) for the duration, then each model's previous mode."
@@ -85,6 +91,7 @@ def _eval_mode(*models):
     finally:
         for m, w in zip(models, was): m.train(w)
 
+# %% ../nbs/07_ptq.ipynb #1cb2346f
 @torch.no_grad()
 def layer_inputs(model:nn.Module, # causal LM
                  calib:torch.Tensor, # token ids [n_samples, seq_len]
@@ -108,9 +115,11 @@ def layer_inputs(model:nn.Module, # causal LM
     finally: h.remove()
     return xs, kws
 
+# %% ../nbs/07_ptq.ipynb #139534b9
 @torch.no_grad()
 def _run_layer(layer, xs, kws): return [_out(layer(x, **kw)) for x, kw in zip(xs, kws)]
 
+# %% ../nbs/07_ptq.ipynb #20404f2d
 @torch.no_grad()
 def _run_hooked(layer, points:dict, xs, kws):
     "Run `layer` on each batch, recording the input ('in') or output ('out') of the modules in `points` {name: (module, 'in'|'out')}."
@@ -123,7 +132,7 @@ def _run_hooked(layer, points:dict, xs, kws):
         for h in hs: h.remove()
     return rec, outs
 
-# %% ../nbs/07_ptq.ipynb #fcced8a2
+# %% ../nbs/07_ptq.ipynb #3f25acf5
 GPTQ_FORMATS = ("integer weight formats: int2..int8 per channel, per group or per tensor, symmetric or -asym (e.g. 'int4-g128', "
                 "'int3-g128', 'int4-g128-asym', 'int8'), and llama.cpp's gguf-q4_0 and gguf-q8_0")
 
@@ -132,16 +141,19 @@ def _gptq_spec(weights) -> QuantSpec:
     if spec.kind not in ('int', 'gguf'): raise ValueError(f"GPTQ supports {GPTQ_FORMATS}; got {str(spec)!r}")
     return spec
 
+# %% ../nbs/07_ptq.ipynb #bd262983
 def _qparams(block:torch.Tensor, spec:QuantSpec):
     "Scale and zero point (or None) per row of `block` [rows, cols], as `quantize` computes them."
     qp = qparams(block.unsqueeze(1), spec)
     return qp.scale.reshape(-1), None if qp.zero is None else qp.zero.reshape(-1)
 
+# %% ../nbs/07_ptq.ipynb #c6cd3972
 def _column_fq(w, s, z, spec):
     "Column `w` rounded to the grid (scale `s`, zero `z` per row) by the same encode/decode as `FrozenQuantizer`."
     qp = QParams(s, z)
     return decode(encode(w, spec, qp), spec, qp)
 
+# %% ../nbs/07_ptq.ipynb #66efcd16
 def _cholesky_inverse_upper(H:torch.Tensor, percdamp:float) -> torch.Tensor:
     "Upper Cholesky factor of the inverse of the dampened H (damping grows 10x if H is not positive definite)."
     damp = percdamp * H.diagonal().mean()
@@ -155,6 +167,7 @@ def _cholesky_inverse_upper(H:torch.Tensor, percdamp:float) -> torch.Tensor:
         warnings.warn(f"Hessian not positive definite; raising the damping to {float(damp):.3g}")
     raise ValueError("GPTQ could not factorize the Hessian even with damping; give more calibration tokens or a larger percdamp")
 
+# %% ../nbs/07_ptq.ipynb #89eb8651
 @torch.no_grad()
 def gptq_quantize_weight(W:torch.Tensor, # weight [out, in]
                          H:torch.Tensor, # input Hessian [in, in] (2/N · Σ x xᵀ)
@@ -225,6 +238,7 @@ def gptq_quantize_weight(W:torch.Tensor, # weight [out, in]
     fq = FrozenQuantizer(spec, scale, zero)
     return (Q, fq, Wu) if keep_unrounded else (Q, fq)
 
+# %% ../nbs/07_ptq.ipynb #c95d62a1
 def output_error(W:torch.Tensor, # reference weight [out, in]
                  Q:torch.Tensor, # approximation of W
                  H:torch.Tensor, # input second moment [in, in] (any positive multiple of Σ x xᵀ)
@@ -233,7 +247,7 @@ def output_error(W:torch.Tensor, # reference weight [out, in]
     W, D, H = W.double(), (W - Q).double(), H.double()
     return ((D @ H) * D).sum().item() / ((W @ H) * W).sum().item()
 
-# %% ../nbs/07_ptq.ipynb #87611a24
+# %% ../nbs/07_ptq.ipynb #3368171d
 LLAMA_SEQUENCE = [['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], ['self_attn.o_proj'],
                   ['mlp.gate_proj', 'mlp.up_proj'], ['mlp.down_proj']]
 
@@ -241,17 +255,20 @@ def _layer_linears(model, prefix, ignore):
     "The linears of the decoder layer named `prefix`, by their names inside it (`ignore` matches full names)."
     return {n[len(prefix) + 1:]: m for n, m in linear_layers(model, ignore).items() if n.startswith(prefix + '.')}
 
+# %% ../nbs/07_ptq.ipynb #17ec1ae5
 def _rtn_rest(model, prefix, spec, a_spec, ignore, masters='grid'):
     "Round-to-nearest for the linears outside the decoder layers that `ignore` does not keep (none in a Llama besides lm_head)."
     for n, m in linear_layers(model, ignore).items():
         if not n.startswith(prefix + '.'): _freeze_linear(model, n, m, spec, a_spec, master=m.weight.detach().clone() if masters == 'unrounded' else None)
 
+# %% ../nbs/07_ptq.ipynb #b5507728
 def _sequence(names, true_sequential):
     "Groups of linears quantized together, in execution order (Llama names), else one group."
     if true_sequential and set(names) <= {n for grp in LLAMA_SEQUENCE for n in grp}:
         return [[n for n in grp if n in names] for grp in LLAMA_SEQUENCE if any(n in names for n in grp)]
     return [list(names)]
 
+# %% ../nbs/07_ptq.ipynb #33aaf134
 @torch.no_grad()
 def _hessians(layer, mods:dict, xs, kws) -> dict:
     "2/N·Σ x xᵀ of the inputs of each linear in `mods` over the calibration batches (forward stops after the last one)."
@@ -273,6 +290,7 @@ def _hessians(layer, mods:dict, xs, kws) -> dict:
         for h in hs: h.remove()
     return {n: H[n] * (2 / max(count[n], 1)) for n in mods}
 
+# %% ../nbs/07_ptq.ipynb #1ffb2713
 def gptq(model:nn.Module, # full-precision causal LM (changed in place)
          calib:torch.Tensor, # calibration token ids [n_samples, seq_len]
          weights:QuantSpec|str='int4-g128', # integer weight format
@@ -309,7 +327,7 @@ def gptq(model:nn.Module, # full-precision causal LM (changed in place)
     _rtn_rest(model, prefix, spec, None, ignore, masters)
     return model
 
-# %% ../nbs/07_ptq.ipynb #a0e88953
+# %% ../nbs/07_ptq.ipynb #aa6e8364
 _LLAMA_PARTS = ('input_layernorm', 'post_attention_layernorm', 'self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj',
                 'self_attn.o_proj', 'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj')
 
@@ -321,6 +339,7 @@ def _check_llama(layer, method):
                          f"post_attention_layernorm, mlp.gate/up/down_proj); {type(layer).__name__} lacks {missing}")
     return have
 
+# %% ../nbs/07_ptq.ipynb #62a83265
 def _kv_repeat(layer) -> tuple[int, int]:
     "(number of KV heads, query heads per KV head) of a Llama attention block."
     a = layer.self_attn
@@ -328,6 +347,7 @@ def _kv_repeat(layer) -> tuple[int, int]:
     n_kv = a.v_proj.out_features // hd
     return n_kv, a.o_proj.in_features // a.v_proj.out_features
 
+# %% ../nbs/07_ptq.ipynb #8a537237
 @torch.no_grad()
 def fold_scales(prev:nn.Module, # RMSNorm (scales its weight) or nn.Linear (scales its output rows)
                 linears:list, # linears reading `prev`'s output: their input columns are multiplied
@@ -345,15 +365,17 @@ def fold_scales(prev:nn.Module, # RMSNorm (scales its weight) or nn.Linear (scal
     s_in = s if gqa is None else _expand_kv(s, *gqa)
     for lin in linears: lin.weight.mul_(s_in.unsqueeze(0).to(lin.weight))
 
+# %% ../nbs/07_ptq.ipynb #4404b636
 def _expand_kv(s, n_kv, repeat):
     "Scales of v_proj's output channels [n_kv·hd] laid out over o_proj's input [n_kv·repeat·hd] (head h reads KV head h // repeat)."
     return s.view(n_kv, 1, -1).expand(n_kv, repeat, s.numel() // n_kv).reshape(-1)
 
-# %% ../nbs/07_ptq.ipynb #56dda77e
+# %% ../nbs/07_ptq.ipynb #6a0f8aab
 def _awq_scales(x_mean, ratio):
     s = x_mean.pow(ratio).clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
 
+# %% ../nbs/07_ptq.ipynb #f03fcc07
 @torch.no_grad()
 def _awq_search(block, linears, feats, kws, spec, n_grid, gqa=None):
     "Grid search of α in s = mean|x|^α minimising the block's output error with `linears` quantized; returns (s, α, errors)."
@@ -376,6 +398,7 @@ def _awq_search(block, linears, feats, kws, spec, n_grid, gqa=None):
         for l, w in zip(linears, saved): l.weight.copy_(w)
     return best[2], best[1], errs
 
+# %% ../nbs/07_ptq.ipynb #08c04597
 @torch.no_grad()
 def _clip_search(W:torch.Tensor, X:torch.Tensor, spec:QuantSpec, n_grid:int=20, max_shrink:float=0.5, chunk:int=256):
     "Per group, the clipping ratio of max|w| (1, 1-1/n_grid, ... > 1-max_shrink) minimising the group's output error on X."
@@ -461,7 +484,7 @@ def awq(model:nn.Module, # full-precision Llama-style causal LM (changed in plac
     if not scale_only: _rtn_rest(model, prefix, spec, None, ignore, masters)
     return model
 
-# %% ../nbs/07_ptq.ipynb #6ab26abd
+# %% ../nbs/07_ptq.ipynb #14b731db
 def smooth_scales(act_max:torch.Tensor, # max |x_j| per input channel over the calibration tokens
                   weights:list, # weights [out, in] reading those channels
                   alpha:float=0.5, # migration strength
@@ -470,6 +493,7 @@ def smooth_scales(act_max:torch.Tensor, # max |x_j| per input channel over the c
     w_max = torch.cat([w.abs().amax(0, keepdim=True) for w in weights]).amax(0).clamp(min=1e-5)
     return (act_max.float().pow(alpha) / w_max.float().pow(1 - alpha)).clamp(min=1e-5)
 
+# %% ../nbs/07_ptq.ipynb #a326ced9
 def smoothquant(model:nn.Module, # full-precision Llama-style causal LM (changed in place)
                 calib:torch.Tensor, # calibration token ids [n_samples, seq_len]
                 alpha:float=0.5, # migration strength: 0 keeps the outliers in the activations, 1 moves them all to the weights
@@ -525,10 +549,11 @@ def ptq(model:nn.Module, # full-precision causal LM (changed in place)
     if calib is None: raise ValueError(f"{method} needs calibration tokens: calib=calibration_set(tokens, n_samples, seq_len)")
     return {'gptq': gptq, 'awq': awq, 'smoothquant': smoothquant}[method](model, calib, weights=weights, **kwargs)
 
-# %% ../nbs/07_ptq.ipynb #976a7f4c
+# %% ../nbs/07_ptq.ipynb #89a06eca
 def _ratio(num, den):
     return (sum(t.double().pow(2).sum() for t in num) / sum(t.double().pow(2).sum() for t in den).clamp_min(1e-30)).item()
 
+# %% ../nbs/07_ptq.ipynb #0914e489
 @torch.no_grad()
 def layer_errors(fp_model:nn.Module, # the full-precision model
                  q_model:nn.Module, # its quantized version (any method)

@@ -101,12 +101,13 @@ def expand_grid(grid:dict|None, # the sweep file's `grid:` mapping
     if 'seed' in seen: raise ValueError("'seed' is a grid key and grid.seeds is given too; use one of them")
     return [dict(p, seed=s) for p in points for s in seeds]
 
-# %% ../nbs/10a_sweeps.ipynb #666440b8
+# %% ../nbs/10a_sweeps.ipynb #aa672750
 def experiments_folder() -> Path:
     "`nbs/experiments/` of the source checkout kdq_bench runs from."
     import kdq_bench
     return Path(kdq_bench.__file__).resolve().parent.parent/'nbs'/'experiments'
 
+# %% ../nbs/10a_sweeps.ipynb #32304415
 def find_file(name:str|Path, # a path, or a file name in nbs/experiments/
               base:Path|None=None, # the sweep file's folder (tried first)
               what:str='notebook', # what is looked for, for the error message
@@ -116,6 +117,7 @@ def find_file(name:str|Path, # a path, or a file name in nbs/experiments/
         if c.is_file(): return c.resolve()
     raise ValueError(f"{what} {str(name)!r} not found (looked next to the sweep file, in the current folder and in {experiments_folder()})")
 
+# %% ../nbs/10a_sweeps.ipynb #0137831e
 def notebook_parameters(nb:str|Path, # a notebook with a cell tagged `parameters`
                        ) -> dict:
     "Names and default values of the notebook's parameters (papermill's `inspect_notebook`); None where a default is not a literal."
@@ -490,7 +492,7 @@ def point_main(argv:list[str]|None=None) -> int:
     except Exception: return 1
     return 0
 
-# %% ../nbs/10a_sweeps.ipynb #00d84eff
+# %% ../nbs/10a_sweeps.ipynb #786d0af8
 def _pid_alive(job_id:str) -> bool:
     _, host, pid = job_id.split(':')
     if host != socket.gethostname(): return True        # another machine: cannot tell, assume it runs
@@ -499,6 +501,7 @@ def _pid_alive(job_id:str) -> bool:
         return Path(f'/proc/{pid}/status').exists() and 'zombie' not in Path(f'/proc/{pid}/status').read_text()
     except (ProcessLookupError, PermissionError, FileNotFoundError): return False
 
+# %% ../nbs/10a_sweeps.ipynb #11c4e99e
 class LocalRunner:
     "At most `workers` points at once on this machine, each in its own process."
     kind = 'local'
@@ -560,7 +563,7 @@ def parse_job_states(text:str, # lines 'JOBID|STATE' from `squeue -o %i|%T` or `
             for i in range(int(a), int(b or a) + 1): out[f"{m.group(1)}_{i}"] = state
     return out
 
-# %% ../nbs/10a_sweeps.ipynb #2ebf2ec4
+# %% ../nbs/10a_sweeps.ipynb #69196215
 def scheduler_states(job_ids) -> dict:
     "Slurm's state of each job ('12_3' for an array task): squeue first, then sacct; 'GONE' if neither knows it, 'UNKNOWN' if squeue failed."
     ids = set(job_ids)
@@ -580,6 +583,7 @@ def scheduler_states(job_ids) -> dict:
             out.update({i: known[i] for i in rest if i in known})
     return {i: out.get(i, 'GONE') for i in ids}
 
+# %% ../nbs/10a_sweeps.ipynb #8286122c
 class SlurmRunner:
     "The points of a round as one Slurm job array (submitit `map_array`)."
     kind = 'slurm'
@@ -605,14 +609,16 @@ class SlurmRunner:
         return {r: states[j] for r, j in mine.items() if states[j] not in ACTIVE_STATES | {'UNKNOWN'}}
     def stop(self): pass          # cluster jobs outlive the sweep: run it again to watch them and collect
 
-# %% ../nbs/10a_sweeps.ipynb #2fed59e6
+# %% ../nbs/10a_sweeps.ipynb #4002b5e5
 def _say(*a): print('[sweep]', *a, file=sys.stderr, flush=True)
 
+# %% ../nbs/10a_sweeps.ipynb #0565d6d3
 def _rel(p:Path) -> str:
     "`p` relative to the current folder when it is inside it (shorter progress lines), else absolute."
     try: return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
     except ValueError: return str(p)
 
+# %% ../nbs/10a_sweeps.ipynb #09182465
 def plan(sweep:Sweep) -> list[tuple[Point, dict]]:
     "Every point with its status (and, for a submitted point, the job id it was submitted as)."
     out = []
@@ -625,6 +631,7 @@ def plan(sweep:Sweep) -> list[tuple[Point, dict]]:
         out.append((p, st))
     return out
 
+# %% ../nbs/10a_sweeps.ipynb #adc4d268
 def _alive(st:dict, runner) -> str|None:
     "The job id of a submitted/running/requeued point whose job still runs (from an earlier run of the sweep)."
     jid = st.get('job_id') or st.get('submitted_as')
@@ -633,6 +640,7 @@ def _alive(st:dict, runner) -> str|None:
     if runner is not None and runner.kind != 'slurm': return None
     return jid if scheduler_states([jid])[jid] in ACTIVE_STATES | {'UNKNOWN'} else None
 
+# %% ../nbs/10a_sweeps.ipynb #a0d480f1
 def format_plan(sweep:Sweep, executor:str='local') -> str:
     "The plan as a Markdown table: every point, its state, and what a run would do with it."
     rows = []
@@ -669,16 +677,18 @@ def prepare_point(sweep:Sweep, p:Point, source:Path, executor:str, nproc:int) ->
     return update_status(p.folder, state='submitted', attempt=st.get('attempt', 0) + 1, executor=executor, job_id=None, error=None,
                          submitted=time.strftime('%Y-%m-%dT%H:%M:%S'))
 
-# %% ../nbs/10a_sweeps.ipynb #1cd5214d
+# %% ../nbs/10a_sweeps.ipynb #96725e29
 def _counts(sweep:Sweep) -> dict:
     c = {s: 0 for s in STATES}
     for _, st in plan(sweep): c[st['state']] = c.get(st['state'], 0) + 1
     return c
 
+# %% ../nbs/10a_sweeps.ipynb #9852e9c6
 def _tally(sweep:Sweep) -> str:
     c = _counts(sweep)
     return f"[{c['done']}/{len(sweep.points)} done, {c['failed']} failed, {c['running'] + c['requeued']} running, {c['submitted']} queued]"
 
+# %% ../nbs/10a_sweeps.ipynb #76d2a43d
 def watch(sweep:Sweep, runner, pending:dict, poll:float, say=_say):
     "Wait for the points in `pending` ({run_id: Point}) to be done or failed, printing a line for each; mark failed those whose job ended silently."
     pending, seen_gone, grace = dict(pending), {}, max(5.0, 3 * poll)
@@ -762,7 +772,7 @@ def run_sweep(sweep:Sweep, # from `load_sweep`
         raise
     return collect(sweep, say)
 
-# %% ../nbs/10a_sweeps.ipynb #1e4e67b8
+# %% ../nbs/10a_sweeps.ipynb #22d30d82
 KL_KEYS = ('kl', 'kl_teacher', 'kl_to_teacher')
 ROW_KEYS = ('method', 'weights', 'acts')
 
@@ -786,6 +796,7 @@ def point_rows(sweep:Sweep, p:Point) -> list[dict]:
         r['run_id'] = p.run_id
     return rows
 
+# %% ../nbs/10a_sweeps.ipynb #a070c50e
 def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 # %% ../nbs/10a_sweeps.ipynb #d789aaa1
@@ -859,7 +870,7 @@ def sweep_figures(sweep:Sweep, table:list[dict]) -> list:
         figs.append(fig)
     return figs
 
-# %% ../nbs/10a_sweeps.ipynb #5ba11656
+# %% ../nbs/10a_sweeps.ipynb #0d361ed4
 def _write_csv(path:Path, rows:list[dict]):
     cols = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
@@ -868,6 +879,7 @@ def _write_csv(path:Path, rows:list[dict]):
     for r in rows: w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else ('' if v is None else v) for k, v in r.items()})
     tmp = path.with_name(f'.{path.name}.tmp'); tmp.write_text(buf.getvalue()); os.replace(tmp, path)
 
+# %% ../nbs/10a_sweeps.ipynb #12c4b287
 def collect(sweep:Sweep, # from `load_sweep`
             say=_say, # where the summary line goes
            ) -> dict:

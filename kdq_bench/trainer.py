@@ -279,7 +279,7 @@ def override(self:TrainConfig, **dotted) -> TrainConfig:
         d[sec][key] = v
     return TrainConfig.from_dict(d)
 
-# %% ../nbs/08_trainer.ipynb #46bcc46f
+# %% ../nbs/08_trainer.ipynb #74a9d075
 @patch
 def fake_quant_start(self:TrainConfig) -> int:
     "First end-to-end step with fake quantization on (from `quantization.fake_quant_start`, or the loss's warm-up)."
@@ -288,6 +288,7 @@ def fake_quant_start(self:TrainConfig) -> int:
     if self.distillation.loss == 'teacher': return 0
     return round(self.distillation.warmup_frac * steps)
 
+# %% ../nbs/08_trainer.ipynb #97a927c4
 @patch
 def validate(self:TrainConfig) -> TrainConfig:
     "Check every section, then the combinations (ValueError saying what was expected); returns self."
@@ -317,10 +318,11 @@ def lr_at(step:int, # 0-based optimizer step
     lo = opt.lr * opt.min_lr_ratio
     return lo + (opt.lr - lo) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
 
-# %% ../nbs/08_trainer.ipynb #8e368267
+# %% ../nbs/08_trainer.ipynb #66b2aa1a
 def _dist() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
+# %% ../nbs/08_trainer.ipynb #1cf96d4e
 def init_distributed(device:str='auto', # 'auto', 'cpu' or 'cuda'
                     ) -> tuple[int, int, torch.device]:
     "Join torchrun's process group when launched by torchrun (gloo on CPU, NCCL on CUDA); returns (rank, world size, device)."
@@ -334,6 +336,7 @@ def init_distributed(device:str='auto', # 'auto', 'cpu' or 'cuda'
     torch.cuda.set_device(local)
     return rank, world, torch.device('cuda', local)
 
+# %% ../nbs/08_trainer.ipynb #2d8c8526
 def shard_student(model:nn.Module, # the student (already fake-quantized)
                  ) -> nn.Module:
     "FSDP2: `fully_shard` every transformer block (classes in the model's `_no_split_modules`), then the whole model."
@@ -454,13 +457,14 @@ class TrainResult:
     blockwise: list = field(default_factory=list)  # per-block report of the block-wise phase
     student: nn.Module = field(repr=False, default=None)  # the trained student
 
-# %% ../nbs/08_trainer.ipynb #08557ef9
+# %% ../nbs/08_trainer.ipynb #7a1debcb
 def _as_config(config) -> TrainConfig:
     if isinstance(config, TrainConfig): return config.validate()
     if isinstance(config, dict): return TrainConfig.from_dict(config)
     if isinstance(config, (str, Path)): return TrainConfig.from_yaml(config)
     raise ValueError(f"config must be a TrainConfig, a dict or a YAML path/text, got {type(config).__name__}")
 
+# %% ../nbs/08_trainer.ipynb #f954a796
 class Trainer:
     "The KD+QAT loop driven by one `TrainConfig`: frozen teacher, PTQ-initialised fake-quantized student, logging, checkpoints, resume, FSDP2."
     def __init__(self, config:TrainConfig|dict|str|Path, # the run's configuration (object, dict, YAML path or YAML text)
@@ -779,7 +783,7 @@ def save_checkpoint(self:Trainer, step:int, # steps done
     self.last_checkpoint = final
     return final
 
-# %% ../nbs/08_trainer.ipynb #cd126a6a
+# %% ../nbs/08_trainer.ipynb #a60b6187
 @patch
 def _check_resumable(self:Trainer, ckpt:Path, state:dict):
     "ValueError when the checkpoint's config or teacher differ from this run's."
@@ -789,6 +793,7 @@ def _check_resumable(self:Trainer, ckpt:Path, state:dict):
     if state['teacher_hash'] != self.teacher_hash:
         raise ValueError(f"cannot resume from {ckpt}: it was trained against another teacher (weights hash {state['teacher_hash']} != {self.teacher_hash})")
 
+# %% ../nbs/08_trainer.ipynb #dfd9d584
 @patch
 def load_checkpoint(self:Trainer, ckpt:Path|str, # a checkpoint folder
                    ) -> int:
@@ -812,7 +817,7 @@ def load_checkpoint(self:Trainer, ckpt:Path|str, # a checkpoint folder
     self.last_checkpoint = ckpt
     return int(state['step'])
 
-# %% ../nbs/08_trainer.ipynb #45200576
+# %% ../nbs/08_trainer.ipynb #f8acb568
 @patch
 @contextlib.contextmanager
 def _signals(self:Trainer):
@@ -827,12 +832,14 @@ def _signals(self:Trainer):
     finally:
         for s, h in prev.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
 
+# %% ../nbs/08_trainer.ipynb #c126de52
 @patch
 def request_stop(self:Trainer, signum:int=signal.SIGTERM, # what to behave like: SIGTERM (return) or SIGINT (raise KeyboardInterrupt)
                 ):
     "Ask the loop to stop after the current step, as SIGTERM does: it checkpoints and returns status 'interrupted'."
     self._stop = int(signum)
 
+# %% ../nbs/08_trainer.ipynb #718ff281
 @patch
 def _should_stop(self:Trainer) -> bool:
     flag = torch.tensor([0 if self._stop is None else int(self._stop)], dtype=torch.int64, device=self.device)
@@ -979,7 +986,7 @@ def train(config:TrainConfig|dict|str|Path, # the run's configuration
     "Build a `Trainer` from `config` and run it."
     return Trainer(config, **kwargs).fit(resume)
 
-# %% ../nbs/08_trainer.ipynb #97b9a382
+# %% ../nbs/08_trainer.ipynb #d92de846
 def _parse_overrides(pairs:list[str]) -> dict:
     over = {}
     for s in pairs:
@@ -988,6 +995,7 @@ def _parse_overrides(pairs:list[str]) -> dict:
         over[k.strip()] = yaml.safe_load(v)
     return over
 
+# %% ../nbs/08_trainer.ipynb #0a941df6
 def main(argv:Sequence[str]|None=None, # command-line arguments (default sys.argv[1:])
         ) -> int:
     "Command-line entry point: `python -m kdq_bench.trainer --config cfg.yaml` (also under torchrun)."
