@@ -95,8 +95,9 @@ class StudyConfig:
     eval_tokens: int = 8192           # test-split tokens scored per row (and per other corpus)
     eval_seq_len: int = 512           # evaluation window (capped at the teacher's context)
     eval_corpora: list|str = 'auto'   # other corpora whose test splits every row is scored on ('auto': every other installed one)
+    other_eval_tokens: int = 2048     # test tokens scored per other corpus
     tasks: list|str = 'auto'          # downstream tasks every row is scored on ('auto': the study corpus's offline cloze and choice; []: none)
-    task_examples: int = 100          # examples per offline task (standard error about ±5 points at 50% accuracy)
+    task_examples: int = 50           # examples per offline task (one model's standard error about ±7 points at 50% accuracy)
     latency_runs: int = 3             # timed decoding runs per artifact (median reported)
     # where and how
     device: str = 'cpu'               # 'cpu', 'cuda' or 'auto'
@@ -199,7 +200,7 @@ def validate(self:StudyConfig) -> StudyConfig:
     for c in self.eval_corpora:
         try: _check_corpus(c)
         except ValueError as e: raise StudyError('eval_corpora', str(e)) from None
-    _int(self, 'task_examples')
+    _int(self, 'task_examples'); _int(self, 'other_eval_tokens', lo=256)
     self.tasks = (default_tasks(self.corpus) if self.corpus in CORPORA else []) if self.tasks == 'auto' else list(self.tasks)
     try: self.tasks and resolve_tasks(self.tasks)
     except ValueError as e: raise StudyError('tasks', str(e)) from None
@@ -313,7 +314,8 @@ class EvalSet:
     seq_len: int                      # evaluation window (capped at the teacher's context)
     test: object                      # the study corpus's test tokens
     others: dict                      # corpus name -> its test tokens
-    tokens: int                       # tokens scored per text
+    tokens: int                       # tokens scored on the study's test text
+    other_tokens: int = 2048          # tokens scored per other text
     tokenizer: object = None          # the teacher's tokenizer (downstream tasks)
     tasks: list = field(default_factory=list)  # downstream tasks
     task_examples: int = 100          # examples per offline task
@@ -325,10 +327,11 @@ def eval_set(cfg:StudyConfig, teacher:Teacher) -> EvalSet:
     seq_len = min(cfg.eval_seq_len, ctx)
     texts = {c: tokenize_split(c, 'test', teacher.tokenizer) for c in [cfg.corpus] + cfg.eval_corpora}
     for c, t in texts.items():
-        if len(t) < cfg.eval_tokens + cfg.eval_tokens // seq_len + 1:
-            raise StudyError('eval_tokens', f"the test split of {c!r} has {len(t):,} tokens for this tokenizer; ask for at most "
-                                            f"{len(t) - len(t) // seq_len - 1:,}")
-    return EvalSet(seq_len, texts.pop(cfg.corpus), texts, cfg.eval_tokens, teacher.tokenizer, cfg.tasks, cfg.task_examples)
+        k = 'eval_tokens' if c == cfg.corpus else 'other_eval_tokens'
+        if len(t) < getattr(cfg, k) + getattr(cfg, k) // seq_len + 1:
+            raise StudyError(k, f"the test split of {c!r} has {len(t):,} tokens for this tokenizer; ask for at most "
+                                f"{len(t) - len(t) // seq_len - 1:,}")
+    return EvalSet(seq_len, texts.pop(cfg.corpus), texts, cfg.eval_tokens, cfg.other_eval_tokens, teacher.tokenizer, cfg.tasks, cfg.task_examples)
 
 # %% ../nbs/09_benchmarks.ipynb #75ed25d1
 def task_shape(seq_len:int) -> dict:
@@ -341,11 +344,10 @@ def evaluate_row(model:torch.nn.Module, # the row's model (an artifact loaded ba
                  teacher:torch.nn.Module, # the FP teacher (fidelity reference)
                 ) -> dict:
     "Perplexity and fidelity to the teacher on the study's test text, perplexity on every other test text, downstream accuracy."
-    r = perplexity(model, ev.test, seq_len=ev.seq_len, max_tokens=ev.tokens, progress=False)
-    f = fidelity(model, teacher, ev.test, seq_len=ev.seq_len, max_tokens=ev.tokens)
-    other = {c: perplexity(model, t, seq_len=ev.seq_len, max_tokens=ev.tokens, progress=False).ppl for c, t in ev.others.items()}
+    f = fidelity(model, teacher, ev.test, seq_len=ev.seq_len, max_tokens=ev.tokens)   # perplexity and fidelity from one student pass
+    other = {c: perplexity(model, t, seq_len=ev.seq_len, max_tokens=ev.other_tokens, progress=False).ppl for c, t in ev.others.items()}
     tasks = {} if not ev.tasks else study_columns(evaluate_tasks(model, ev.tokenizer, ev.tasks, n=ev.task_examples, **task_shape(ev.seq_len)))
-    return dict(ppl=r.ppl, nll=r.nll, eval_tokens=r.n_tokens, kl=f.kl, top1=f.top1, other_ppl=other, tasks=tasks)
+    return dict(ppl=math.exp(f.nll), nll=f.nll, eval_tokens=f.n_tokens, kl=f.kl, top1=f.top1, other_ppl=other, tasks=tasks)
 
 # %% ../nbs/09_benchmarks.ipynb #4a69e417
 def decode_ratio(model:torch.nn.Module, # the packed model
@@ -668,7 +670,7 @@ def _notes(metrics:dict) -> list[str]:
              (f", adapted to {metrics.get('corpus')} for {ad['best_step']} of {ad['steps_run']} steps (validation ppl {ad['val_ppl_before']:.3f} → "
               f"{ad['val_ppl_after']:.3f}; {'plateau reached' if ad['stopped_early'] else 'budget ended before a plateau'})" if ad else ' (not adapted)') + '.',
              f"Test split of {metrics.get('corpus')}: {metrics['rows'][0]['eval_tokens']:,} tokens scored in windows of {e.get('seq_len')}; "
-             f"other texts (their test splits, change vs the teacher): {', '.join(e.get('other_corpora') or []) or 'none'}. KL = KL(teacher ‖ row) per token.",
+             f"other texts (the first {p.get('other_eval_tokens', 0):,} tokens of their test splits, change vs the teacher): {', '.join(e.get('other_corpora') or []) or 'none'}. KL = KL(teacher ‖ row) per token.",
              *([] if not p.get('tasks') else [f"Downstream accuracy (lm-evaluation-harness, zero-shot): {', '.join(p['tasks'])}, {p['task_examples']} examples each "
                "generated from the test split (`kdq_bench.downstream`), with the change vs the teacher in points; one model's standard error is about "
                f"{100 * (0.25 / p['task_examples']) ** 0.5:.0f} points, so compare rows through `downstream.paired_difference`."]),

@@ -127,6 +127,7 @@ class FidelityResult:
     top1: float           # share of scored positions where the two argmaxes agree
     n_tokens: int         # positions scored
     seq_len: int          # window length
+    nll: float = math.nan # the student's mean negative log-likelihood per scored token (its perplexity is exp(nll))
 
 # %% ../nbs/04_evaluate.ipynb #b98ed3a2
 def fidelity(student:nn.Module, # the model measured
@@ -136,10 +137,10 @@ def fidelity(student:nn.Module, # the model measured
              batch_size:int=4, # windows per forward pass
              max_tokens:int|None=None, # evaluate only the first `max_tokens` tokens
             ) -> FidelityResult:
-    "Mean KL(teacher ‖ student) per token and top-1 agreement on the windows `perplexity` scores."
+    "Mean KL(teacher ‖ student) per token, top-1 agreement and the student's NLL, on the windows `perplexity` scores."
     t = _as_tokens(tokens)[:max_tokens] if max_tokens is not None else _as_tokens(tokens)
     plan = window_plan(len(t), seq_len, seq_len)
-    kl, agree, n, pos = 0.0, 0, 0, torch.arange(1, seq_len)
+    kl, agree, n, total, pos = 0.0, 0, 0, 0.0, torch.arange(1, seq_len)
     with torch.inference_mode():
         for i in range(0, len(plan), batch_size):
             chunk = plan[i:i+batch_size]
@@ -149,7 +150,9 @@ def fidelity(student:nn.Module, # the model measured
             lt, ls = F.log_softmax(zt, -1), F.log_softmax(zs, -1)
             kl += float((lt.exp() * (lt - ls)).sum(-1).double()[mask].sum())
             agree += int((zs.argmax(-1) == zt.argmax(-1))[mask].sum()); n += int(mask.sum())
-    return FidelityResult(kl / n, agree / n, n, seq_len)
+            nll = F.cross_entropy(zs.reshape(-1, zs.shape[-1]), x[:, 1:].reshape(-1), reduction='none').view(len(chunk), -1)
+            total += nll.double()[mask].sum().item()    # as `perplexity` sums it: one student pass gives both
+    return FidelityResult(kl / n, agree / n, n, seq_len, total / n)
 
 # %% ../nbs/04_evaluate.ipynb #86e94e45
 def start_token_id(tokenizer) -> int|None:
