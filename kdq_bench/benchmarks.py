@@ -60,6 +60,9 @@ class StudyConfig:
     weights: list = field(default_factory=lambda: ['int4-g128'])  # weight formats of the PTQ and trained rows
     methods: list = field(default_factory=lambda: ['rtn', 'gptq', 'awq', 'fp-control', 'qat', 'kd+qat'])  # rows besides the FP teacher
     int8_baseline: bool = True        # add the 'PTQ int8' row (RTN, per-channel int8)
+    # the artifacts
+    dense_dtype: str = 'bfloat16'     # dtype of every artifact tensor that is not a packed linear (embedding, norms, biases): 'bfloat16' or 'float32'
+    embedding: str|None = None        # weight format of every artifact's input embedding (and a tied lm_head), e.g. 'int8' or 'int4-g32'; None: dense
     # the trained rows' recipe (QAT-only and KD+QAT share all of it but the loss)
     init: str = 'gptq'                # the trained rows' start: 'rtn', 'gptq' or 'awq'
     masters: str = 'unrounded'        # their master weights: the PTQ method's weights before rounding, or on the 'grid'
@@ -185,7 +188,11 @@ def validate(self:StudyConfig) -> StudyConfig:
     if not self.weights: raise StudyError('weights', "is empty; give at least one weight format such as 'int4-g128'")
     if bad := [m for m in self.methods if m not in STUDY_METHODS]: raise StudyError('methods', f"unknown method(s) {bad}; expected some of {list(STUDY_METHODS)}")
     for k, allowed in dict(init=INITS, masters=MASTERS, mode=('dynamic', 'frozen', 'learned'), loss=LOSSES, trainable=TRAINABLE,
-                           device=('cpu', 'cuda', 'auto')).items(): _choice(self, k, allowed)
+                           device=('cpu', 'cuda', 'auto'), dense_dtype=('bfloat16', 'float32')).items(): _choice(self, k, allowed)
+    if self.embedding is not None:
+        if not isinstance(self.embedding, str): raise StudyError('embedding', f"must be a weight format string such as 'int8' or 'int4-g32', or None; got {self.embedding!r}")
+        try: self.embedding = check_packable(self.embedding)
+        except ValueError as e: raise StudyError('embedding', str(e)) from None
     for k in ('steps', 'batch_size', 'seq_len', 'eval_seq_len', 'calib_samples', 'calib_seq_len', 'latency_runs', 'blockwise_samples',
               'blockwise_seq_len', 'blockwise_epochs', 'adapt_eval_every', 'adapt_patience'): _int(self, k)
     for k in ('adapt_steps', 'threads'): _int(self, k, lo=0)
@@ -533,7 +540,7 @@ def _ptq_row(s:_Study, r:dict) -> dict:
         ptq(student, 'smoothquant', calib, weights='int8', progress=s.progress)
         info = dict(seconds=time.time() - t0, calib_tokens=int(calib.numel()))
     else: student, info = ptq_student(s.cfg, s.teacher, r['method'], r['weights'], r['calib_seed'] or 0, s.calib_tokens, s.out, s.progress)
-    save_quantized(copy.deepcopy(student).to('cpu'), s.out/name)
+    save_quantized(copy.deepcopy(student).to('cpu'), s.out/name, dense_dtype=s.cfg.dense_dtype, embedding=s.cfg.embedding)
     record(s.out, s.out/name)
     return dict(artifact_metrics(s.out/name, s.ev, s.teacher.model, s.cfg, s.device), seconds=info['seconds'], tokens=info['calib_tokens'], artifact=name)
 
@@ -551,7 +558,7 @@ def _trained(s:_Study, r:dict) -> dict:
                teacher_hash_unchanged=res.teacher_hash is None or weights_hash(s.teacher.model) == res.teacher_hash)
     if r['method'] == 'fp-control': row.update(evaluate_row(res.student, s.ev, s.teacher.model), size_bytes=s.fp_size, decode_ms=None, decode_ratio=None)
     else:
-        save_quantized(res.student.to('cpu'), s.out/name); record(s.out, s.out/name)
+        save_quantized(res.student.to('cpu'), s.out/name, dense_dtype=cfg.dense_dtype, embedding=cfg.embedding); record(s.out, s.out/name)
         row.update(artifact_metrics(s.out/name, s.ev, s.teacher.model, cfg, s.device), artifact=name)
     for ck in list_checkpoints(run_dir): remove_owned(ck)    # the artifact is what is kept
     record(s.out, run_dir)

@@ -51,7 +51,8 @@ def _seeds(s:str) -> list[int]:
 def _tau(s:str) -> float|str: return s if s == 'auto' else float(s)
 def _corpora(s:str) -> list[str]|str: return s if s == 'auto' else _csv(s)
 
-OPTION_TYPES = dict(weights=_csv, methods=_csv, seeds=_seeds, calib_seeds=_seeds, tau=_tau, eval_corpora=_corpora, tasks=_corpora)
+OPTION_TYPES = dict(weights=_csv, methods=_csv, seeds=_seeds, calib_seeds=_seeds, tau=_tau, eval_corpora=_corpora, tasks=_corpora,
+                    embedding=str)   # its default is None: argparse needs the type
 TRAINED_FIELDS = ('init', 'masters', 'mode', 'blockwise', 'blockwise_samples', 'blockwise_seq_len', 'blockwise_epochs', 'blockwise_lr',
                   'blockwise_scale_lr', 'loss', 'tau', 'lam', 'gamma', 'steps', 'batch_size', 'seq_len', 'lr', 'scale_lr', 'trainable',
                   'quant_weight_decay', 'seeds')

@@ -17,12 +17,13 @@ from safetensors.torch import save_file, load_file
 from .quantizers import QuantSpec, QTensor, quantize, dequantize, fake_quant, FakeQuantLinear, fake_quant_layers
 
 # %% auto #0
-__all__ = ['PACKED_KEYS', 'INT4_KERNEL_GROUPS', 'HAS_INT4_KERNEL', 'HAS_INT8_KERNEL', 'BACKENDS', 'WEIGHTS_NAME', 'CONFIG_NAME',
-           'HF_CONFIG_NAME', 'FORMAT_NAME', 'FORMAT_VERSION', 'PACKING_DOC', 'DEFAULT_SPEED_CASES', 'packed_nbytes',
-           'pack_bits', 'unpack_bits', 'e8m0_encode', 'e8m0_decode', 'scale_shape', 'pack_qtensor', 'unpack_qtensor',
-           'tensors_nbytes', 'int4pack_group', 'int8pack_ok', 'to_int4pack', 'choose_backend', 'PackedLinear',
-           'export_linear', 'save_quantized', 'read_quant_config', 'load_quantized', 'size_report',
-           'packed_matmul_speed']
+__all__ = ['PACKED_KEYS', 'PACKED_KINDS', 'INT4_KERNEL_GROUPS', 'HAS_INT4_KERNEL', 'HAS_INT8_KERNEL', 'BACKENDS', 'WEIGHTS_NAME',
+           'CONFIG_NAME', 'HF_CONFIG_NAME', 'FORMAT_NAME', 'FORMAT_VERSION', 'READ_VERSIONS', 'PACKING_DOC',
+           'DENSE_DTYPES', 'DEFAULT_SPEED_CASES', 'packed_nbytes', 'pack_bits', 'unpack_bits', 'e8m0_encode',
+           'e8m0_decode', 'scale_shape', 'pack_qtensor', 'unpack_qtensor', 'tensors_nbytes', 'int4pack_group',
+           'int8pack_ok', 'to_int4pack', 'choose_backend', 'PackedLinear', 'export_linear', 'dense_dtype_of',
+           'round_dense', 'weight_format', 'input_embedding', 'save_quantized', 'read_quant_config', 'load_quantized',
+           'size_report', 'packed_matmul_speed']
 
 # %% ../nbs/01_export.ipynb #f263044a
 def packed_nbytes(n:int, # number of codes
@@ -84,6 +85,7 @@ def unpack_bits(packed:torch.Tensor, # 1-d uint8 tensor from `pack_bits`
 
 # %% ../nbs/01_export.ipynb #e1c7b4b9
 PACKED_KEYS = ('qweight', 'scale', 'zero', 'global_scale')
+PACKED_KINDS = ('int', 'nf4', 'fp8', 'mxfp4', 'nvfp4', 'gguf')   # format kinds pack_qtensor stores
 _FP8_DTYPES = {'e4m3': torch.float8_e4m3fn, 'e5m2': torch.float8_e5m2}
 
 def e8m0_encode(scale:torch.Tensor, # positive power-of-two scales (float32)
@@ -136,7 +138,7 @@ def pack_qtensor(qt:QTensor, # output of `quantize` for a 2-d weight
                 ) -> dict:
     "Packed tensors of `qt`: 'qweight' (uint8 bytes, or raw float8), 'scale', and 'zero'/'global_scale' where the format has them."
     spec, shape = qt.spec, tuple(qt.shape)
-    if spec.kind not in ('int', 'nf4', 'fp8', 'mxfp4', 'nvfp4', 'gguf'): raise ValueError(f"cannot pack format kind {spec.kind!r}")
+    if spec.kind not in PACKED_KINDS: raise ValueError(f"cannot pack format kind {spec.kind!r}")
     sshape = scale_shape(spec, shape)
     if tuple(qt.codes.shape) != shape: raise ValueError(f"codes have shape {tuple(qt.codes.shape)}, expected {shape}")
     if tuple(qt.scale.shape) != sshape: raise ValueError(f"{spec} on a {shape} weight needs scales of shape {sshape}, got {tuple(qt.scale.shape)}")
@@ -390,7 +392,8 @@ def export_linear(layer:FakeQuantLinear, # a fake-quantized linear layer
 
 # %% ../nbs/01_export.ipynb #20b20704
 WEIGHTS_NAME, CONFIG_NAME, HF_CONFIG_NAME = 'model.safetensors', 'quant_config.json', 'config.json'
-FORMAT_NAME, FORMAT_VERSION = 'kdq_bench.packed', 1
+FORMAT_NAME, FORMAT_VERSION = 'kdq_bench.packed', 2
+READ_VERSIONS = (1, 2)   # v1: no 'dense' or 'embedding' entries (every dense tensor in its own dtype)
 PACKING_DOC = {
     'codes': "LSB-first bitstream of the row-major codes, ceil(n*bits/8) uint8 bytes; 8 codes fill `bits` whole bytes "
              "(4-bit: 2 per byte, even index in the low nibble; 3-bit: 8 codes in 3 bytes)",
@@ -400,39 +403,138 @@ PACKING_DOC = {
     'mxfp4': "4-bit E2M1 code (sign<<3 | magnitude); scale uint8 E8M0: 2**(e - 127) per 32-block",
     'nvfp4': "4-bit E2M1 code; scale float8_e4m3fn per 16-block; global_scale float32; weight = e2m1[q] * scale * global_scale",
     'fp8': "qweight is the raw float8 tensor [out, in]; weight = qweight * scale (float32 per tensor or per row)",
+    'dense': "every other floating tensor (embeddings, norms, biases, an unquantized lm_head) in dense.dtype; "
+             "dense.cast lists the tensors written in it with the dtype they are restored to",
+    'embedding': "embedding.key is stored packed like a linear weight [vocab, hidden] (one row per token) under "
+                 "'<key>.qweight', '<key>.scale', ...; it is dequantized to embedding.dtype at load (a tied lm_head follows)",
 }
 
 def _is_transformers(model) -> bool:
     return type(model).__module__.startswith('transformers.') and hasattr(getattr(model, 'config', None), 'to_json_file')
 
+# %% ../nbs/01_export.ipynb #9eae8307
+DENSE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+def _dtype_name(dt:torch.dtype) -> str: return str(dt).removeprefix('torch.')
+
+def dense_dtype_of(d, # a floating torch dtype, its name ('bfloat16', 'float32', ...), or None
+                  ) -> torch.dtype|None:
+    "`save_quantized`'s `dense_dtype` as a torch dtype (None: keep each tensor's dtype); ValueError on anything else."
+    if d is None: return None
+    t = getattr(torch, d.removeprefix('torch.'), None) if isinstance(d, str) else d
+    if not isinstance(t, torch.dtype) or t not in DENSE_DTYPES:
+        raise ValueError(f"dense_dtype must be None or one of {[_dtype_name(x) for x in DENSE_DTYPES]}, got {d!r}")
+    return t
+
+# %% ../nbs/01_export.ipynb #33be5952
+def _castable(v:torch.Tensor, dtype:torch.dtype|None) -> bool:
+    "Whether a dense tensor is written in `dtype`: floating (`DENSE_DTYPES`) and not already in it."
+    return dtype is not None and v.dtype in DENSE_DTYPES and v.dtype != dtype
+
+def _storage_key(v:torch.Tensor) -> tuple:
+    "Tensors with equal keys are views of the same memory (tied weights)."
+    return (str(v.device), v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+
+# %% ../nbs/01_export.ipynb #bd313a1a
+def round_dense(model:nn.Module, # a fake-quantized model (from `quantize_model`)
+                dtype=torch.bfloat16, # the `dense_dtype` given to `save_quantized`
+               ) -> nn.Module:
+    "Round, in place, every tensor that `save_quantized(model, dense_dtype=dtype)` stores dense to `dtype` and back; returns `model`."
+    dtype, layers = dense_dtype_of(dtype), fake_quant_layers(model)
+    prefixes, biases = tuple(n + '.' for n in layers), {f'{n}.bias' for n in layers}
+    qweights = {m.weight.untyped_storage().data_ptr() for m in layers.values()}
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if (k.startswith(prefixes) and k not in biases) or not _castable(v, dtype): continue
+            if v.untyped_storage().data_ptr() in qweights:
+                raise ValueError(f"{k} shares its memory with a quantized layer's master weight (a tied, quantized lm_head): rounding one "
+                                 "would round the other, while save_quantized packs that layer from the unrounded weight; use dense_dtype=None")
+            v.copy_(v.to(dtype))
+    return model
+
+# %% ../nbs/01_export.ipynb #ce8071bc
+def weight_format(fmt, # a weight format string such as 'int8' or 'int4-g32', or a QuantSpec
+                  what:str='format', # what it is for, in error messages
+                 ) -> QuantSpec:
+    "The QuantSpec of a format `pack_qtensor` can store as a weight; ValueError naming `what` otherwise."
+    if not isinstance(fmt, (str, QuantSpec)): raise ValueError(f"{what} must be a weight format string such as 'int8' or 'int4-g32', got {fmt!r}")
+    try: spec = QuantSpec.parse(fmt)
+    except ValueError as e: raise ValueError(f"{what}: {e}") from None
+    if spec.granularity == 'token': raise ValueError(f"{what} {spec} is an activation format (per token); expected a weight format such as 'int8' or 'int4-g32'")
+    if spec.kind not in PACKED_KINDS: raise ValueError(f"{what} {spec} cannot be packed; expected a format of kind {list(PACKED_KINDS)}")
+    return spec
+
+# %% ../nbs/01_export.ipynb #45b39af1
+def input_embedding(model:nn.Module, # the model to save
+                   ) -> tuple[str, nn.Embedding]:
+    "(name, module) of `model`'s input embedding: `get_input_embeddings()` where it has one, else its only `nn.Embedding`."
+    emb = model.get_input_embeddings() if callable(getattr(model, 'get_input_embeddings', None)) else None
+    if emb is None:
+        found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        if len(found) != 1: raise ValueError(f"cannot tell the input embedding: the model has {len(found)} nn.Embedding modules and no get_input_embeddings()")
+        emb = found[0]
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    if name is None or not isinstance(getattr(emb, 'weight', None), torch.Tensor) or emb.weight.dim() != 2:
+        raise ValueError(f"the input embedding {type(emb).__name__} has no 2-d weight inside the model")
+    return name, emb
+
+# %% ../nbs/01_export.ipynb #99b05073
+def _pack_embedding(model:nn.Module, spec:QuantSpec, dense:dict, keys:dict, verify:bool) -> tuple[dict, dict]:
+    "Take the input embedding out of `dense` and pack it in `spec`: (its config entry, its packed tensors)."
+    name, emb = input_embedding(model)
+    key = keys.get(_storage_key(emb.weight))
+    if key is None: raise ValueError(f"the input embedding {name!r} is not among the dense tensors (is its weight a quantized layer's?)")
+    w = dense.pop(key)
+    try: qt = quantize(w, spec); packed = pack_qtensor(qt)
+    except (ValueError, NotImplementedError) as e: raise ValueError(f"embedding format {spec} cannot be packed: {e}") from None
+    if verify and not torch.equal(dequantize(unpack_qtensor(packed, spec, qt.shape)), dequantize(qt)):
+        raise ValueError(f"the packed {spec} embedding does not dequantize to its quantized values")
+    cfg = {'key': key, 'module': name, 'spec': str(spec), 'shape': list(qt.shape), 'dtype': _dtype_name(w.dtype), 'tensors': list(packed)}
+    return cfg, {f'{key}.{k}': v.contiguous() for k, v in packed.items()}
+
+# %% ../nbs/01_export.ipynb #38cd5c86
+def _dense_state(model:nn.Module, layers:dict) -> tuple[dict, dict, dict]:
+    "(tensors, tied aliases, storage key -> name) of every state tensor outside the quantized layers; tied tensors once."
+    prefixes, dense, tied, seen = tuple(n + '.' for n in layers), {}, {}, {}
+    for k, v in model.state_dict().items():
+        if k.startswith(prefixes): continue
+        key = _storage_key(v)
+        if v.numel() and key in seen: tied[k] = seen[key]; continue
+        seen[key] = k
+        dense[k] = v.detach().cpu().clone().contiguous()
+    return dense, tied, seen
+
 # %% ../nbs/01_export.ipynb #19d1bc90
 def save_quantized(model:nn.Module, # model whose linears are FakeQuantLinear (from `quantize_model`)
                    path, # output directory (created)
                    verify:bool=True, # check each packed weight against its fake-quantized weight, bit for bit
+                   dense_dtype=torch.bfloat16, # dtype of every floating tensor that is not a packed linear (None: each its own)
+                   embedding:str|None=None, # weight format of the input embedding (and a tied lm_head), e.g. 'int8', 'int4-g32'; None: dense
                   ) -> Path:
     "Save `model` as packed safetensors plus `quant_config.json`; returns the directory."
     layers = fake_quant_layers(model)
     if not layers: raise ValueError("found no FakeQuantLinear in the model; quantize it first with quantize_model(model, weights=...)")
     if '' in layers: raise ValueError("pass a model containing the FakeQuantLinear, not the layer itself")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors, cfg_layers = {}, {}
+    dtype, spec = dense_dtype_of(dense_dtype), None if embedding is None else weight_format(embedding, 'embedding')
+    if spec is not None: input_embedding(model)
+    tensors, cfg_layers, biases = {}, {}, {}
     for name, m in layers.items():
         packed = export_linear(m, verify)
         for k, v in packed.items(): tensors[f'{name}.{k}'] = v.detach().cpu().contiguous()
-        if m.bias is not None: tensors[f'{name}.bias'] = m.bias.detach().cpu().clone()
+        if m.bias is not None: biases[f'{name}.bias'] = m.bias.detach().cpu().clone()
         cfg_layers[name] = {'spec': str(m.w_spec), 'a_spec': None if m.a_spec is None else str(m.a_spec),
                             'shape': [m.out_features, m.in_features], 'bias': m.bias is not None, 'tensors': list(packed)}
-    prefixes, seen, tied = tuple(n + '.' for n in layers), {}, {}
-    for k, v in model.state_dict().items():
-        if k.startswith(prefixes): continue
-        key = (str(v.device), v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
-        if v.numel() and key in seen: tied[k] = seen[key]; continue
-        seen[key] = k
-        tensors[k] = v.detach().cpu().clone().contiguous()
+    dense, tied, keys = _dense_state(model, layers)
+    emb_cfg, emb = _pack_embedding(model, spec, dense, keys, verify) if spec is not None else (None, {})
+    dense |= biases
+    cast = {k: _dtype_name(v.dtype) for k, v in dense.items() if _castable(v, dtype)}
+    tensors |= {k: v.to(dtype) if k in cast else v for k, v in dense.items()} | emb
     cfg = {'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'packing': PACKING_DOC,
            'model': {'class': f'{type(model).__module__}.{type(model).__qualname__}', 'transformers': _is_transformers(model)},
-           'layers': cfg_layers, 'tied': tied, 'torch': torch.__version__}
+           'layers': cfg_layers, 'tied': tied, 'dense': {'dtype': None if dtype is None else _dtype_name(dtype), 'cast': cast},
+           'embedding': emb_cfg, 'torch': torch.__version__}
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / WEIGHTS_NAME), metadata={'format': 'pt', 'kdq_bench': FORMAT_NAME})
     (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=1))
     if cfg['model']['transformers']: model.config.to_json_file(str(path / HF_CONFIG_NAME))
@@ -444,8 +546,9 @@ def read_quant_config(path) -> dict:
     f = Path(path) / CONFIG_NAME
     if not f.exists(): raise ValueError(f"{f} not found; expected a directory written by save_quantized")
     cfg = json.loads(f.read_text())
-    if cfg.get('format') != FORMAT_NAME or cfg.get('version') != FORMAT_VERSION:
-        raise ValueError(f"{f} is not a {FORMAT_NAME} v{FORMAT_VERSION} config (format={cfg.get('format')!r}, version={cfg.get('version')!r})")
+    if cfg.get('format') != FORMAT_NAME or cfg.get('version') not in READ_VERSIONS:
+        raise ValueError(f"{f} is not a {FORMAT_NAME} config of a version this kdq_bench reads {list(READ_VERSIONS)} "
+                         f"(format={cfg.get('format')!r}, version={cfg.get('version')!r})")
     return cfg
 
 # %% ../nbs/01_export.ipynb #4126780c
@@ -464,6 +567,17 @@ def _skeleton(path:Path, cfg:dict, model):
         return cls(model)
     raise ValueError(f"model must be an nn.Module skeleton, a transformers config or None, got {type(model).__name__}")
 
+# %% ../nbs/01_export.ipynb #ad98ae76
+def _restore_dense(tensors:dict, cfg:dict):
+    "In place: dense tensors cast back to their own dtype, the packed embedding dequantized into its weight."
+    for k, dt in (cfg.get('dense') or {}).get('cast', {}).items():
+        if k not in tensors: raise ValueError(f"{WEIGHTS_NAME} lacks {k}, which {CONFIG_NAME} lists as a dense tensor")
+        tensors[k] = tensors[k].to(dense_dtype_of(dt))
+    if not (e := cfg.get('embedding')): return
+    if missing := [f"{e['key']}.{k}" for k in e['tensors'] if f"{e['key']}.{k}" not in tensors]: raise ValueError(f"{WEIGHTS_NAME} lacks {missing}")
+    packed = {k: tensors.pop(f"{e['key']}.{k}") for k in e['tensors']}
+    tensors[e['key']] = dequantize(unpack_qtensor(packed, e['spec'], e['shape'])).to(dense_dtype_of(e['dtype']))
+
 # %% ../nbs/01_export.ipynb #2978cddd
 def load_quantized(path, # directory written by `save_quantized`
                    model=None, # skeleton nn.Module (changed in place), a transformers config, or None (rebuild from config.json)
@@ -471,10 +585,11 @@ def load_quantized(path, # directory written by `save_quantized`
                    compute_dtype:torch.dtype|None=None, # PackedLinear matmul dtype (e.g. torch.bfloat16 for the fast int4 kernel)
                    chunk_rows:int|None=None, # PackedLinear rows dequantized per matmul on the 'dequant' backend (None: whole weight, bit-exact)
                   ) -> nn.Module:
-    "Load a packed model: its quantized linears become `PackedLinear`, every other tensor is restored; returns it in eval mode."
+    "Load a packed model: its quantized linears become `PackedLinear`, every other tensor is restored (in its own dtype); returns it in eval mode."
     path = Path(path)
     cfg = read_quant_config(path)
     tensors = load_file(str(path / WEIGHTS_NAME))
+    _restore_dense(tensors, cfg)
     model = _skeleton(path, cfg, model)
     for name, lc in cfg['layers'].items():
         try: mod = model.get_submodule(name)

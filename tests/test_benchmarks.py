@@ -12,7 +12,7 @@ from kdq_bench.benchmarks import StudyConfig, run_study, summary, markdown_table
 from kdq_bench.cli import main
 from kdq_bench.data import tokenize_split
 from kdq_bench.evaluate import perplexity
-from kdq_bench.export import load_quantized
+from kdq_bench.export import load_quantized, read_quant_config
 from kdq_bench.models import load_teacher
 from kdq_bench.downstream import evaluate_tasks, study_columns
 
@@ -20,7 +20,7 @@ ARGS = ['--corpus', 'shakespeare', '--weights', 'int3-g128', '--steps', '8', '--
         '--lr', '1e-3', '--scale-lr', '1e-3', '--tau', '2', '--seeds', '2', '--eval-tokens', '2048', '--eval-seq-len', '32',
         '--calib-samples', '8', '--calib-seq-len', '32', '--blockwise-samples', '4', '--blockwise-seq-len', '32', '--blockwise-lr', '1e-3',
         '--blockwise-scale-lr', '1e-3', '--eval-corpora', '', '--task-examples', '20', '--adapt-steps', '20', '--adapt-lr', '1e-3', '--latency-runs', '1',
-        '--threads', '1']
+        '--threads', '1', '--embedding', 'int8']
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,8 @@ def test_report_matches_artifacts(study, teacher_dir):
         assert math.isclose(r['delta_pct'], 100 * (r['ppl'] / fp['ppl'] - 1), rel_tol=1e-9, abs_tol=1e-9)
         if not r.get('artifact'): continue
         model = load_quantized(out / r['artifact'])
+        q = read_quant_config(out / r['artifact'])      # the study's artifact options reach every artifact
+        assert q['embedding']['spec'] == m['params']['embedding'] == 'int8' and q['dense']['dtype'] == m['params']['dense_dtype'] == 'bfloat16'
         layers = [mod for mod in model.modules() if type(mod).__name__ == 'PackedLinear']
         assert layers and all(str(l.spec) == r['weights'] for l in layers)
         direct = perplexity(model, test, seq_len=32, max_tokens=2048, progress=False)
@@ -116,7 +118,9 @@ def test_resume_refuse_and_overwrite(study, teacher_dir):
 def test_bad_input_fails_before_any_work(tmp_path, capsys):
     for args, msg in ((['--methods', 'rtn,bogus'], '--methods: unknown method'), (['--weights', 'int8-token'], '--weights: int8-token is an activation format'),
                       (['--eval-tokens', '100'], '--eval-tokens: must be an integer >= 2048'), (['--weights', 'int4-gq'], 'expected one of'),
-                      (['--corpus', 'klingon'], '--corpus: unknown corpus'), (['--tau', 'hot'], 'invalid _tau value')):
+                      (['--corpus', 'klingon'], '--corpus: unknown corpus'), (['--tau', 'hot'], 'invalid _tau value'),
+                      (['--embedding', 'int8-token'], '--embedding: int8-token is an activation format'),
+                      (['--embedding', 'int4-gq'], '--embedding: '), (['--dense-dtype', 'float16'], '--dense-dtype: must be one of')):
         assert main(['compare', '--teacher', 'embedded', '--out', str(tmp_path / 'x'), *args]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / 'x').exists()

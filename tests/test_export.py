@@ -1,5 +1,5 @@
 """Tests of kdq_bench.export: bit packing, packed formats, PackedLinear (kernels and dequant path), save/load."""
-import json, math, pickle
+import copy, json, math, pickle, struct
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +9,7 @@ from kdq_bench.quantizers import (ALL_WEIGHT_FORMATS, FP4_E2M1_CODEBOOK, NF4_COD
                                   QuantSpec, dequantize, fake_quant, quantize, quantize_model, set_quant_enabled)
 from kdq_bench.export import (CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, HF_CONFIG_NAME, WEIGHTS_NAME, PackedLinear,
                               e8m0_decode, e8m0_encode, export_linear, int4pack_group, load_quantized, pack_bits,
-                              pack_qtensor, packed_nbytes, read_quant_config, save_quantized, scale_shape,
+                              pack_qtensor, packed_nbytes, read_quant_config, round_dense, save_quantized, scale_shape,
                               tensors_nbytes, to_int4pack, unpack_bits, unpack_qtensor)
 
 EXTRA_FORMATS = ['int8-asym', 'int2', 'int3', 'int5-g32', 'int6-tensor', 'int7-g64-asym', 'int3-g96', 'int4-tensor-asym',
@@ -350,6 +350,20 @@ def mlp(seed):
                          nn.Linear(96, 48), nn.LayerNorm(48), nn.Linear(48, 10))
 
 
+def bf16_dense(model):
+    """Independent reference of the default artifact (not `round_dense`): in place, every parameter outside the quantized
+    layers, and the quantized layers' biases, rounded to bf16 and back; their master weights and quantizer state untouched.
+    (The models here hold no persistent floating buffers outside the quantized layers.)"""
+    inside = {id(s) for f in model.modules() if isinstance(f, FakeQuantLinear) for s in f.modules()}
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FakeQuantLinear):
+                if m.bias is not None: m.bias.copy_(m.bias.bfloat16().float())
+            elif id(m) not in inside:
+                for p in m.parameters(recurse=False): p.copy_(p.bfloat16().float())
+    return model
+
+
 def mixed_fake_quant_mlp():
     m = mlp(0)
     m[0] = FakeQuantLinear.from_linear(m[0], 'int4-g32')
@@ -362,7 +376,7 @@ def mixed_fake_quant_mlp():
 def test_save_load_sequential(tmp_path):
     fq = mixed_fake_quant_mlp()
     x = torch.randn(6, 64)
-    with torch.no_grad(): ref = fq(x)
+    with torch.no_grad(): ref = bf16_dense(fq)(x)     # the default artifact stores the dense tensors in bf16
     save_quantized(fq, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])   # no config.json: not transformers
     # JSON contents
@@ -373,8 +387,9 @@ def test_save_load_sequential(tmp_path):
         '0': {'spec': 'int4-g32', 'a_spec': None, 'shape': [96, 64], 'bias': True, 'tensors': ['qweight', 'scale']},
         '2': {'spec': 'nvfp4', 'a_spec': 'int8-token', 'shape': [96, 96], 'bias': False, 'tensors': ['qweight', 'scale', 'global_scale']},
         '4': {'spec': 'int3-g32-asym', 'a_spec': None, 'shape': [48, 96], 'bias': True, 'tensors': ['qweight', 'scale', 'zero']}}
-    assert cfg['tied'] == {}
-    assert set(cfg['packing']) >= {'codes', 'int', 'nf4', 'mxfp4', 'nvfp4', 'fp8'}
+    assert cfg['tied'] == {} and cfg['embedding'] is None
+    assert cfg['dense'] == {'dtype': 'bfloat16', 'cast': {k: 'float32' for k in ('0.bias', '4.bias', '5.weight', '5.bias', '6.weight', '6.bias')}}
+    assert set(cfg['packing']) >= {'codes', 'int', 'nf4', 'mxfp4', 'nvfp4', 'fp8', 'dense', 'embedding'}
     # safetensors contents: packed layers + every other tensor, nothing else
     with safe_open(str(tmp_path / WEIGHTS_NAME), 'pt') as f:
         keys = set(f.keys())
@@ -382,7 +397,8 @@ def test_save_load_sequential(tmp_path):
         assert f.get_tensor('0.qweight').dtype == torch.uint8 and f.get_tensor('0.qweight').numel() == 96 * 64 // 2
         assert f.get_tensor('4.qweight').numel() == 48 * 96 * 3 // 8
         assert f.get_tensor('2.scale').dtype == torch.float8_e4m3fn
-        assert torch.equal(f.get_tensor('6.weight'), fq[6].weight) and torch.equal(f.get_tensor('5.bias'), fq[5].bias)
+        for k in ('6.weight', '6.bias', '5.weight', '5.bias', '0.bias', '4.bias'):
+            assert f.get_tensor(k).dtype == torch.bfloat16 and torch.equal(f.get_tensor(k).float(), fq.state_dict()[k]), k
     assert keys == {'0.qweight', '0.scale', '0.bias', '2.qweight', '2.scale', '2.global_scale', '4.qweight', '4.scale', '4.zero',
                     '4.bias', '5.weight', '5.bias', '6.weight', '6.bias'}
     # load into a differently initialised skeleton
@@ -390,6 +406,7 @@ def test_save_load_sequential(tmp_path):
         m = load_quantized(tmp_path, mlp(seed=123), backend=backend)
         assert [type(l).__name__ for l in m] == ['PackedLinear', 'GELU', 'PackedLinear', 'GELU', 'PackedLinear', 'LayerNorm', 'Linear']
         assert not m.training
+        assert all(v.dtype == torch.float32 for k, v in m.state_dict().items() if k.endswith(('bias', '5.weight', '6.weight'))) # cast back
         with torch.no_grad(): out = m(x)
         if backend == 'dequant': assert torch.equal(out, ref)
         else:
@@ -405,7 +422,7 @@ def test_save_load_a_fake_quant_skeleton(tmp_path):
     save_quantized(fq, tmp_path)
     m = load_quantized(tmp_path, mixed_fake_quant_mlp(), backend='dequant')
     x = torch.randn(2, 64)
-    with torch.no_grad(): assert torch.equal(m(x), fq(x))
+    with torch.no_grad(): assert torch.equal(m(x), bf16_dense(fq)(x))
 
 
 def tiny_llama(tie=True, seed=0):
@@ -420,8 +437,9 @@ def tiny_llama(tie=True, seed=0):
 def test_save_load_tiny_llama(tmp_path, fmt):
     model = quantize_model(tiny_llama(), fmt)
     ids = torch.randint(0, 128, (2, 10))
-    with torch.no_grad(): ref = model(ids).logits
     save_quantized(model, tmp_path)
+    bf16_dense(model)            # the reference: the fake-quantized model with its dense tensors rounded as stored
+    with torch.no_grad(): ref = model(ids).logits
     assert (tmp_path / HF_CONFIG_NAME).exists()
     cfg = read_quant_config(tmp_path)
     assert cfg['model'] == {'class': 'transformers.models.llama.modeling_llama.LlamaForCausalLM', 'transformers': True}
@@ -444,15 +462,17 @@ def test_save_load_tiny_llama(tmp_path, fmt):
         assert torch.equal(m.generate(ids[:1], max_new_tokens=5, do_sample=False), g_ref)
 
 
-def test_untied_lm_head_kept_fp32(tmp_path):
+@pytest.mark.parametrize('dense', [None, torch.bfloat16])
+def test_untied_lm_head_kept_dense(tmp_path, dense):
     model = quantize_model(tiny_llama(tie=False), 'int4-g32')
-    save_quantized(model, tmp_path)
+    save_quantized(model, tmp_path, dense_dtype=dense)
     cfg = read_quant_config(tmp_path)
     assert cfg['tied'] == {} and 'lm_head' not in cfg['layers']
     with safe_open(str(tmp_path / WEIGHTS_NAME), 'pt') as f:
-        assert torch.equal(f.get_tensor('lm_head.weight'), model.lm_head.weight)
+        assert torch.equal(f.get_tensor('lm_head.weight'), model.lm_head.weight.to(dense or torch.float32))
     m = load_quantized(tmp_path, tiny_llama(tie=False, seed=9), backend='dequant')
     ids = torch.randint(0, 128, (1, 8))
+    if dense is not None: bf16_dense(model)
     with torch.no_grad(): assert torch.equal(m(ids).logits, model(ids).logits)
 
 
@@ -484,3 +504,153 @@ def test_save_load_errors(tmp_path):
     with pytest.raises(ValueError, match='version'): load_quantized(d, mlp(0))
     with pytest.raises(ValueError, match='not found'): load_quantized(tmp_path / 'nothing', mlp(0))
     with pytest.raises(ValueError, match='not the layer itself'): save_quantized(FakeQuantLinear.from_linear(nn.Linear(8, 8), 'int4-g8'), tmp_path / 'c')
+
+
+# ---------------------------------------------------------------- artifact size: dense dtype, packed embedding
+
+def data_bytes(path):
+    "Bytes of the tensor data of a safetensors file (the file less its 8-byte length and JSON header)."
+    with open(path, 'rb') as f: n = struct.unpack('<Q', f.read(8))[0]
+    return path.stat().st_size - 8 - n
+
+
+def dense_elements(model):
+    "Number of floating elements save_quantized stores dense: the state outside the quantized layers (tied once), and their biases."
+    layers = {n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    seen, n = set(), 0
+    for k, v in model.state_dict().items():
+        owner = k.rsplit('.', 1)[0]
+        if any(k.startswith(l + '.') for l in layers) and not (owner in layers and k.endswith('.bias')): continue
+        if v.data_ptr() in seen: continue
+        seen.add(v.data_ptr()); n += v.numel()
+    return n
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_dense_bf16_bytes_on_disk(tmp_path, tie):
+    model = quantize_model(tiny_llama(tie=tie), 'int4-g32')
+    a, b = save_quantized(model, tmp_path / 'fp32', dense_dtype=None), save_quantized(model, tmp_path / 'bf16')
+    n = dense_elements(model)
+    assert n == (128 * 64 * (1 if tie else 2) + 5 * 64)          # embedding (+ lm_head), 2 x 2 norms + final norm
+    assert data_bytes(a / WEIGHTS_NAME) - data_bytes(b / WEIGHTS_NAME) == 2 * n   # every dense element: 4 bytes -> 2
+    assert (b / WEIGHTS_NAME).stat().st_size < (a / WEIGHTS_NAME).stat().st_size
+    dense_keys = set()
+    with safe_open(str(a / WEIGHTS_NAME), 'pt') as fa, safe_open(str(b / WEIGHTS_NAME), 'pt') as fb:
+        assert set(fa.keys()) == set(fb.keys())
+        for k in fa.keys():
+            ta, tb = fa.get_tensor(k), fb.get_tensor(k)
+            if k.endswith(('.qweight', '.scale', '.zero', '.global_scale')): assert torch.equal(ta, tb) and ta.dtype == tb.dtype, k
+            else:
+                assert ta.dtype == torch.float32 and tb.dtype == torch.bfloat16 and torch.equal(ta.bfloat16(), tb), k
+                dense_keys.add(k)
+    assert sum(model.state_dict()[k].numel() for k in dense_keys) == n
+    assert read_quant_config(a)['dense'] == {'dtype': None, 'cast': {}}
+    assert read_quant_config(b)['dense'] == {'dtype': 'bfloat16', 'cast': {k: 'float32' for k in dense_keys}}
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_dense_bf16_reload_exact(tmp_path, tie):
+    "The default artifact equals the fake-quantized model with its dense tensors rounded to bf16 and back, bit for bit."
+    model = quantize_model(tiny_llama(tie=tie), 'int4-g32-asym')
+    ids = torch.randint(0, 128, (2, 10))
+    save_quantized(model, tmp_path)
+    m = load_quantized(tmp_path, backend='dequant')
+    assert all(v.dtype == torch.float32 for v in m.state_dict().values() if v.is_floating_point())   # cast back
+    ref = bf16_dense(copy.deepcopy(model))
+    with torch.no_grad(): out, want = m(ids).logits, ref(ids).logits
+    assert torch.equal(out, want)
+    with torch.no_grad(): assert not torch.equal(out, model(ids).logits)    # the rounding did change something
+    rd = round_dense(copy.deepcopy(model))                                 # the library's reference agrees with the test's
+    for (k, v), (k2, v2) in zip(rd.state_dict().items(), ref.state_dict().items()): assert k == k2 and torch.equal(v, v2), k
+
+
+def test_round_dense_refuses_a_tied_quantized_head():
+    model = quantize_model(tiny_llama(), 'int4-g32', ignore=())
+    with pytest.raises(ValueError, match='dense_dtype=None'): round_dense(model)
+
+
+@pytest.mark.parametrize('tie', [True, False])
+@pytest.mark.parametrize('fmt', ['int8', 'int4-g32', 'int4-g128', 'nf4-g64', 'gguf-q4_0'])
+@pytest.mark.parametrize('dense', [None, torch.bfloat16])
+def test_embedding_packed_reload_exact(tmp_path, tie, fmt, dense):
+    """The artifact with a packed embedding equals the model whose embedding weight is dequantize(quantize(W)) (a tied
+    lm_head follows), and whose other dense tensors are rounded as stored, bit for bit."""
+    model = quantize_model(tiny_llama(tie=tie), 'int4-g32')
+    W = model.model.embed_tokens.weight.detach().clone()
+    ids = torch.randint(0, 128, (2, 10))
+    save_quantized(model, tmp_path, dense_dtype=dense, embedding=fmt)
+    cfg = read_quant_config(tmp_path)
+    spec = QuantSpec.parse(fmt)
+    qt = quantize(W, spec)
+    packed = pack_qtensor(qt)
+    assert cfg['embedding'] == {'key': 'model.embed_tokens.weight', 'module': 'model.embed_tokens', 'spec': str(spec), 'shape': [128, 64],
+                                'dtype': 'float32', 'tensors': list(packed)}
+    with safe_open(str(tmp_path / WEIGHTS_NAME), 'pt') as f:
+        keys = set(f.keys())
+        for k, v in packed.items():                                          # the linears' packing, byte for byte
+            t = f.get_tensor(f'model.embed_tokens.weight.{k}')
+            assert t.dtype == v.dtype and torch.equal(t.view(torch.uint8) if t.dtype.itemsize == 1 else t, v.view(torch.uint8) if v.dtype.itemsize == 1 else v)
+    assert 'model.embed_tokens.weight' not in keys and ('lm_head.weight' in keys) != tie
+    assert 'model.embed_tokens.weight' not in cfg['dense']['cast']
+    m = load_quantized(tmp_path, backend='dequant')
+    assert m.model.embed_tokens.weight.dtype == torch.float32 and (m.lm_head.weight is m.model.embed_tokens.weight) == tie
+    ref = copy.deepcopy(model)
+    if dense is not None: bf16_dense(ref)
+    with torch.no_grad(): ref.model.embed_tokens.weight.copy_(dequantize(qt))   # after the rounding: the embedding is not rounded
+    assert torch.equal(m.model.embed_tokens.weight, dequantize(qt))
+    if tie: assert torch.equal(m.lm_head.weight, dequantize(qt))
+    else: assert torch.equal(m.lm_head.weight, ref.lm_head.weight) and not torch.equal(m.lm_head.weight, dequantize(qt))
+    with torch.no_grad(): assert torch.equal(m(ids).logits, ref(ids).logits)
+    skel = load_quantized(tmp_path, tiny_llama(tie=tie, seed=3), backend='dequant')         # into a skeleton too
+    with torch.no_grad(): assert torch.equal(skel(ids).logits, ref(ids).logits)
+
+
+def test_embedding_packed_beside_a_quantized_tied_head(tmp_path):
+    "lm_head quantized (its own format, from the FP32 weight) while the tied embedding is packed in another."
+    model = quantize_model(tiny_llama(), 'int4-g32', ignore=())
+    W = model.model.embed_tokens.weight.detach().clone()
+    save_quantized(model, tmp_path, dense_dtype=None, embedding='int8')
+    m = load_quantized(tmp_path, backend='dequant')
+    assert isinstance(m.lm_head, PackedLinear) and str(m.lm_head.spec) == 'int4-g32'
+    ref = copy.deepcopy(model)
+    ref.model.embed_tokens.weight = nn.Parameter(dequantize(quantize(W, 'int8')))   # untied: lm_head keeps its FP32 master
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad(): assert torch.equal(m(ids).logits, ref(ids).logits)
+
+
+def test_embedding_shrinks_the_file(tmp_path):
+    model = quantize_model(tiny_llama(), 'int4-g32')
+    sizes = {e: data_bytes(save_quantized(model, tmp_path / str(e), embedding=e) / WEIGHTS_NAME) for e in (None, 'int8', 'int4-g32')}
+    n = 128 * 64
+    assert sizes[None] - sizes['int8'] == 2 * n - (n + 4 * 128)                       # bf16 -> int8 codes + fp32 row scales
+    assert sizes[None] - sizes['int4-g32'] == 2 * n - (n // 2 + 4 * 128 * 2)          # bf16 -> 4-bit codes + fp32 group scales
+
+
+@pytest.mark.parametrize('bad,msg', [('int8-token', 'activation format'), ('fp8-e4m3-token', 'activation format'),
+                                     ('int4-gq', 'embedding: '), ('bogus', 'embedding: '), (4, 'weight format string'),
+                                     (True, 'weight format string')])
+def test_bad_embedding_refused_before_writing(tmp_path, bad, msg):
+    model = quantize_model(tiny_llama(), 'int4-g32')
+    with pytest.raises(ValueError, match=msg): save_quantized(model, tmp_path / 'x', embedding=bad)
+    assert not (tmp_path / 'x').exists()
+
+
+def test_bad_dense_dtype_and_no_embedding_refused_before_writing(tmp_path):
+    model = quantize_model(tiny_llama(), 'int4-g32')
+    for bad in ('int8', torch.int8, torch.float8_e4m3fn, 'uint8', 'nn', 16):
+        with pytest.raises(ValueError, match='dense_dtype must be'): save_quantized(model, tmp_path / 'x', dense_dtype=bad)
+    with pytest.raises(ValueError, match='0 nn.Embedding'): save_quantized(mixed_fake_quant_mlp(), tmp_path / 'x', embedding='int8')
+    two = nn.Sequential(nn.Embedding(10, 64), nn.Embedding(10, 64), *mixed_fake_quant_mlp())
+    with pytest.raises(ValueError, match='2 nn.Embedding'): save_quantized(two, tmp_path / 'x', embedding='int8')
+    assert not (tmp_path / 'x').exists()
+
+
+def test_version_1_artifacts_still_load(tmp_path):
+    "An artifact of format v1 (no 'dense' or 'embedding' entries, every tensor in its own dtype) loads as before."
+    model = quantize_model(tiny_llama(), 'int4-g32')
+    save_quantized(model, tmp_path, dense_dtype=None)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for k in ('dense', 'embedding'): cfg.pop(k)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**cfg, 'version': 1}))
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad(): assert torch.equal(load_quantized(tmp_path, backend='dequant')(ids).logits, model(ids).logits)

@@ -9,7 +9,7 @@ import torch
 
 from kdq_bench.blockwise import BlockwiseConfig, blockwise_distill, block_mse
 from kdq_bench.data import calibration_set, windows
-from kdq_bench.export import save_quantized, load_quantized
+from kdq_bench.export import save_quantized, load_quantized, round_dense
 from kdq_bench.ptq import gptq, awq, rtn
 from kdq_bench.quantizers import (fake_quant_layers, quantize_model, set_quantizer_mode, dequantize, fake_quant,
                                   FrozenQuantizer, LearnedQuantizer)
@@ -80,6 +80,7 @@ def test_frozen_grid_is_kept_through_training_and_export(teacher, tokens, tmp_pa
     save_quantized(r.student, tmp_path/'a')
     back = load_quantized(tmp_path/'a', tiny_llama(vocab=V, hidden=32, layers=2, heads=2, kv_heads=2), backend='dequant')
     x = windows(tokens, [2], 32)
+    round_dense(r.student)   # the reference: its dense tensors rounded to bf16 as the artifact stores them
     with torch.no_grad(): assert torch.equal(back(x).logits, r.student(x).logits)
 
 
@@ -96,6 +97,7 @@ def test_learned_scales_train_and_round_trip(teacher, tokens, tmp_path):
     save_quantized(r.student, tmp_path/'a')
     back = load_quantized(tmp_path/'a', tiny_llama(vocab=V, hidden=32, layers=2, heads=2, kv_heads=2), backend='dequant')
     x = windows(tokens, [2], 32)
+    round_dense(r.student)   # the reference: its dense tensors rounded to bf16 as the artifact stores them
     with torch.no_grad(): assert torch.equal(back(x).logits, r.student(x).logits)
 
 
