@@ -563,13 +563,6 @@ class _GradScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad): return grad * ctx.g, None
 
-class _RoundSTE(torch.autograd.Function):
-    "`fn(t)` (a rounding) forward, identity backward."
-    @staticmethod
-    def forward(ctx, t, fn): return fn(t)
-    @staticmethod
-    def backward(ctx, grad): return grad, None
-
 # %% ../nbs/00_quantizers.ipynb #97def1f2
 _LEARNABLE = ('int', 'gguf')
 
@@ -592,9 +585,9 @@ class LearnedQuantizer(WeightQuantizer):
 @patch
 def qparams(self:LearnedQuantizer, w=None) -> QParams:
     s = _GradScale.apply(self.scale, self.grad_factor)
-    if self.spec.kind == 'gguf': s = _RoundSTE.apply(s, lambda t: t.half().float())   # ggml stores d in fp16
+    if self.spec.kind == 'gguf': s = _STE.apply(s, lambda t: t.half().float())   # ggml stores d in fp16
     else: s = s.abs().clamp_min(1e-12)
-    z = None if self.zero is None else _RoundSTE.apply(_GradScale.apply(self.zero, self.grad_factor), torch.round)
+    z = None if self.zero is None else _STE.apply(_GradScale.apply(self.zero, self.grad_factor), torch.round)
     return QParams(s.unsqueeze(-1), None if z is None else z.unsqueeze(-1))
 
 # %% ../nbs/00_quantizers.ipynb #8d5e09c4
@@ -608,7 +601,7 @@ def forward(self:LearnedQuantizer, w):
     codes = encode(xg.detach(), self.spec, fixed)   # exactly the codes `qtensor` exports
     lo, hi = (-8, 7) if self.spec.ggml == 'q4_0' else (-127, 127) if self.spec.kind == 'gguf' else (self.spec.qmin, self.spec.qmax)
     u = (xg / qp.scale + (0 if qp.zero is None else qp.zero)).clamp(lo, hi)   # LSQ: no gradient to x outside the grid
-    q = _RoundSTE.apply(u, lambda t: codes)
+    q = _STE.apply(u, lambda t: codes)
     return from_groups(decode(q, self.spec, qp), w.shape, n).to(w.dtype)#| export
 @patch(cls_method=True)
 def from_qtensor(cls:LearnedQuantizer, qt:QTensor) -> LearnedQuantizer:
@@ -640,7 +633,7 @@ class ClipQuantizer(WeightQuantizer):
         _check_finite(w.detach())
         xg, n = to_groups(w.float(), self.spec)
         qp = self.qparams(w)
-        q = (_RoundSTE.apply(xg / qp.scale, torch.round) + (0 if qp.zero is None else qp.zero.detach())).clamp(self.spec.qmin, self.spec.qmax)
+        q = (_STE.apply(xg / qp.scale, torch.round) + (0 if qp.zero is None else qp.zero.detach())).clamp(self.spec.qmin, self.spec.qmax)
         return from_groups(decode(q, self.spec, QParams(qp.scale, None if qp.zero is None else qp.zero.detach())), w.shape, n).to(w.dtype)
 
 # %% ../nbs/00_quantizers.ipynb #2479eea1
