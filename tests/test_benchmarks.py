@@ -172,3 +172,31 @@ def test_sigterm_in_a_trained_row_records_nothing_and_resumes(teacher_dir, tmp_p
     assert [r['method'] for r in m['rows']] == ['teacher', 'rtn', 'kd+qat']
     after = curve.read_text().splitlines()
     assert len(after) == 20 and after[:12] == before                    # steps 1-12 kept from the checkpoint written on SIGTERM, not retrained
+
+
+def test_study_tasks_rescores_rows_with_paired_differences(study, tmp_path):
+    "benchmarks/study_tasks.py: every packed row and the teacher rescored; its paired differences are per-example means."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('study_tasks', Path(__file__).parents[1] / 'benchmarks' / 'study_tasks.py')
+    st = importlib.util.module_from_spec(spec); spec.loader.exec_module(st)
+    out, m = study
+    assert st.main([str(out), '--out', str(tmp_path / 'tasks'), '--n-cloze', '6', '--n-choice', '5', '--threads', '1']) is None
+    res = json.loads((tmp_path / 'tasks' / 'results.json').read_text())['rows']
+    want = ['teacher'] + [st.row_label(r) for r in m['rows'] if r.get('artifact')]
+    assert list(res) == want and len(want) >= 6
+    for key, rec in res.items():
+        assert {t: len(s) for t, s in rec['samples'].items()} == {'shakespeare_cloze': 6, 'shakespeare_choice': 5}
+    # the teacher's accuracy is a direct harness run on the same examples
+    direct = evaluate_tasks(load_teacher(m['teacher']['path']), tasks=['shakespeare_cloze', 'shakespeare_choice'],
+                            n={'shakespeare_cloze': 6, 'shakespeare_choice': 5}, **B.task_shape(m['eval']['seq_len']))
+    assert study_columns(direct) == study_columns(st.as_table(res['teacher']))
+    # one paired difference, recomputed from the per-example values
+    kd = next(k for k in res if k.startswith('kd+qat'))
+    a, b = ({x['doc_id']: x['acc'] for x in res[k]['samples']['shakespeare_choice']} for k in (kd, 'teacher'))
+    d = statistics.fmean(a[i] - b[i] for i in a)
+    table = (tmp_path / 'tasks' / 'table.md').read_text()
+    line = next(l for l in table.splitlines() if l.startswith(f'| {kd} |'))
+    assert f"{100 * d:+.1f} ±" in line.split('|')[7]          # Δ teacher, shakespeare_choice acc
+    # a second run resumes: nothing to rescore, same table
+    assert st.main([str(out), '--out', str(tmp_path / 'tasks'), '--n-cloze', '6', '--n-choice', '5']) is None
+    assert (tmp_path / 'tasks' / 'table.md').read_text() == table
