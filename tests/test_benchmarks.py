@@ -172,3 +172,13 @@ def test_sigterm_in_a_trained_row_records_nothing_and_resumes(teacher_dir, tmp_p
     assert [r['method'] for r in m['rows']] == ['teacher', 'rtn', 'kd+qat']
     after = curve.read_text().splitlines()
     assert len(after) == 20 and after[:12] == before                    # steps 1-12 kept from the checkpoint written on SIGTERM, not retrained
+
+
+def test_cached_states_serve_only_the_study_that_made_them(tmp_path):
+    "A PTQ/start state left by an overwritten study with other parameters is computed again, not reused (issue 12)."
+    from kdq_bench.benchmarks import StudyConfig, _save_state, _load_state
+    m = torch.nn.Linear(4, 4)
+    a = StudyConfig(teacher='embedded', calib_samples=4).study_params()
+    _save_state(m, tmp_path/'s', dict(seconds=1.0, study=a), 'ptq-student')
+    assert _load_state(tmp_path/'s', torch.nn.Linear(4, 4), a) is not None
+    assert _load_state(tmp_path/'s', torch.nn.Linear(4, 4), StudyConfig(teacher='embedded', calib_samples=16).study_params()) is None
