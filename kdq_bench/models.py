@@ -362,6 +362,8 @@ def smollm2_teacher() -> Teacher:
     return _teacher('smollm2-135m', dest)
 
 # %% ../nbs/03_models.ipynb #642d3b20
+KNOWN_TEACHERS = ('embedded', 'smollm2-135m')
+
 def _looks_like_path(name:str) -> bool: return name.startswith(('/', '.', '~')) or name.count('/') > 1 or name.endswith('/')
 
 def _hf_cached(name:str) -> bool:
@@ -404,8 +406,6 @@ def check_teacher(name:str, # 'embedded', 'smollm2-135m', a local folder, or a �
     return name
 
 # %% ../nbs/03_models.ipynb #a594afde
-KNOWN_TEACHERS = ('embedded', 'smollm2-135m')
-
 def load_teacher(name:str='embedded', # 'embedded', 'smollm2-135m', a local folder, or a 🤗 model id
                  recipe:TeacherRecipe|None=None, # the embedded teacher's recipe (default DEFAULT_RECIPE)
                  allow_network:bool=False, # let transformers download a 🤗 id not in the local cache
