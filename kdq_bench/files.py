@@ -138,6 +138,9 @@ def check_folder(path:str|Path, # the output folder asked for
     p = Path(path).expanduser().resolve()
     why = _forbidden(p)
     if why is None and p.exists() and not p.is_dir(): why = "it is a file, not a folder"
+    if why is None and not p.exists():                       # the folder would be made inside its nearest existing ancestor
+        anc = next(a for a in p.parents if a.exists())
+        if not anc.is_dir(): why = f"{anc} is a file, so no folder can be made under it"   # (a read-only disk: WriteError on write)
     if why is None and p.is_dir():
         m = _read_marker(p)
         if m is None and any(p.iterdir()):

@@ -25,7 +25,7 @@ __all__ = ['DEFAULT_RECIPE', 'EMBEDDED_ASSET', 'SHIP_DTYPE', 'SMOLLM2_GGUF', 'KN
            'freeze', 'is_frozen', 'train_tokenizer', 'TeacherRecipe', 'seed_everything', 'train_teacher',
            'save_teacher', 'teacher_dir', 'shipped_teacher', 'ship_embedded_teacher', 'step_seconds',
            'teacher_first_use', 'embedded_teacher', 'smollm2_gguf_path', 'convert_smollm2', 'smollm2_teacher',
-           'load_teacher', 'layer_map', 'decoder_layers', 'make_student', 'check_vocab']
+           'check_teacher', 'load_teacher', 'layer_map', 'decoder_layers', 'make_student', 'check_vocab']
 
 # %% ../nbs/03_models.ipynb #2fa4a31b
 @dataclass
@@ -361,9 +361,51 @@ def smollm2_teacher() -> Teacher:
         convert_smollm2(dest)
     return _teacher('smollm2-135m', dest)
 
-# %% ../nbs/03_models.ipynb #a594afde
+# %% ../nbs/03_models.ipynb #642d3b20
 KNOWN_TEACHERS = ('embedded', 'smollm2-135m')
 
+def _looks_like_path(name:str) -> bool: return name.startswith(('/', '.', '~')) or name.count('/') > 1 or name.endswith('/')
+
+def _hf_cached(name:str) -> bool:
+    "Whether the 🤗 id `name` has a config.json in the local hub cache."
+    from huggingface_hub import try_to_load_from_cache
+    try: return isinstance(try_to_load_from_cache(name, 'config.json'), str)
+    except Exception: return False     # not a valid repo id
+
+def _check_model_dir(path:Path):
+    "ValueError unless `path` looks loadable: matching manifest (if any), a transformers config.json, readable weights."
+    from safetensors import safe_open
+    if (path/MANIFEST).exists() and (bad := verify_manifest(path)): raise ValueError(f"teacher folder {path} is damaged: {'; '.join(bad[:3])}")
+    try: cfg = json.loads((path/'config.json').read_text())
+    except FileNotFoundError: raise ValueError(f"{path} holds no config.json: expected a folder written by save_pretrained") from None
+    except (OSError, ValueError) as e: raise ValueError(f"{path/'config.json'} is not readable JSON ({e}); expected a folder written by save_pretrained") from None
+    if not isinstance(cfg, dict) or 'model_type' not in cfg: raise ValueError(f"{path/'config.json'} names no model_type: not a transformers model folder")
+    weights = sorted(path.glob('*.safetensors'))
+    if not weights and not list(path.glob('pytorch_model*.bin')): raise ValueError(f"{path} holds no weights (*.safetensors or pytorch_model*.bin)")
+    for f in weights:
+        try:
+            with safe_open(f, 'pt') as h: h.keys()
+        except Exception as e: raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
+
+def check_teacher(name:str, # 'embedded', 'smollm2-135m', a local folder, or a 🤗 model id
+                  allow_network:bool=False, # a 🤗 id may be downloaded (else it must be in the local cache)
+                 ) -> str:
+    "The teacher `load_teacher(name)` would load, checked in a moment without loading weights; ValueError saying what was expected."
+    if not isinstance(name, (str, Path)) or not str(name).strip():
+        raise ValueError(f"teacher name must be a non-empty string; known teachers: {list(KNOWN_TEACHERS)}, or a path or 🤗 id")
+    name = str(name)
+    if name == 'smollm2-135m': smollm2_gguf_path()
+    if name in KNOWN_TEACHERS: return name
+    path = Path(name).expanduser()
+    if path.is_dir(): _check_model_dir(path)
+    elif path.exists(): raise ValueError(f"teacher {name!r} is a file; expected a model folder written by save_pretrained")
+    elif _looks_like_path(name): raise ValueError(f"teacher folder {name} does not exist; expected {list(KNOWN_TEACHERS)}, a model folder or a 🤗 id")
+    elif not allow_network and not _hf_cached(name):
+        raise ValueError(f"unknown teacher {name!r}: known teachers are {list(KNOWN_TEACHERS)}; otherwise pass a folder written by "
+                         "save_pretrained or a 🤗 model id available offline (allow_network=True downloads it)")
+    return name
+
+# %% ../nbs/03_models.ipynb #a594afde
 def load_teacher(name:str='embedded', # 'embedded', 'smollm2-135m', a local folder, or a 🤗 model id
                  recipe:TeacherRecipe|None=None, # the embedded teacher's recipe (default DEFAULT_RECIPE)
                  allow_network:bool=False, # let transformers download a 🤗 id not in the local cache
@@ -374,12 +416,12 @@ def load_teacher(name:str='embedded', # 'embedded', 'smollm2-135m', a local fold
     if not isinstance(name, (str, Path)) or not str(name).strip():
         raise ValueError(f"teacher name must be a non-empty string; known teachers: {KNOWN_TEACHERS}, or a path or 🤗 id")
     name = str(name)
+    check_teacher(name, allow_network)
     if name == 'embedded': return embedded_teacher(recipe or DEFAULT_RECIPE, progress)
     if recipe is not None: raise ValueError("a recipe applies only to the 'embedded' teacher")
     if name == 'smollm2-135m': return smollm2_teacher()
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path/'config.json').exists(): raise ValueError(f"{path} holds no config.json: expected a folder written by save_pretrained")
         model, tok = _load_dir(path, dtype)
         return Teacher(name, model, tok, path, {'source': str(path)})
     try:

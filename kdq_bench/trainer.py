@@ -6,7 +6,7 @@ Docs: https://kdq-bench.github.io/kdq_bench/trainer.html.md"""
 
 # %% ../nbs/08_trainer.ipynb #f7ff13e9
 from __future__ import annotations
-import argparse, contextlib, json, math, os, random, shutil, signal, sys, threading, time, warnings
+import argparse, contextlib, json, math, os, random, re, shutil, signal, sys, threading, time, warnings
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,21 +19,21 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 from safetensors.torch import save_file, load_file
 from .quantizers import QuantSpec, QUANTIZER_MODES, quantize_model, set_quant_enabled, set_quantizer_mode, fake_quant_layers
-from .data import tokenize_split, num_windows, window_ids, windows, calibration_set
-from .models import Teacher, load_teacher, make_student, freeze, check_vocab, seed_everything
+from .data import tokenize_split, num_windows, window_ids, windows, calibration_set, check_corpus, cache_dir
+from .models import Teacher, load_teacher, make_student, freeze, check_vocab, seed_everything, check_teacher
 from .evaluate import perplexity
 from .hooks import FeatureCapture, build_projectors, layer_pairs
 from .losses import DIVERGENCES, FEATURE_LOSSES, LossSchedule, JointLoss, check_soft_targets, choose_temperature
 from .ptq import ptq
 from .blockwise import BlockwiseConfig, TRAINABLE, blockwise_distill
 from .teacher_cache import TeacherCache, weights_hash, precision_context, logits_of
-from .files import atomic_dir, atomic_write_text, claim_folder, write_manifest, verify_manifest, remove_owned
+from .files import atomic_dir, atomic_write_text, check_folder, claim_folder, write_manifest, verify_manifest, remove_owned, WriteError
 
 # %% auto #0
 __all__ = ['METHODS', 'INITS', 'MASTERS', 'LOSSES', 'CHECKPOINT_FILES', 'TrainingConfig', 'QuantizationConfig',
            'DistillationConfig', 'OptimizerConfig', 'TrainConfig', 'lr_at', 'init_distributed', 'shard_student',
            'list_checkpoints', 'checkpoint_problems', 'latest_checkpoint', 'load_student_weights', 'EarlyStopping',
-           'ProgressLines', 'TrainingDiverged', 'TrainResult', 'Trainer', 'train', 'main']
+           'ProgressLines', 'TrainingDiverged', 'TrainResult', 'Trainer', 'train', 'OneLineParser', 'main']
 
 # %% ../nbs/08_trainer.ipynb #55f35e99
 METHODS = ('kd+qat', 'qat', 'kd', 'fp-control')
@@ -100,7 +100,8 @@ class QuantizationConfig:
 @patch
 def validate(self:QuantizationConfig):
     "Check the section's values (ValueError naming the key)."
-    QuantSpec.parse(self.weights)
+    if QuantSpec.parse(self.weights).granularity == 'token':
+        raise ValueError(f"quantization.weights {self.weights!r} quantizes activations per token; expected a weight format such as 'int4-g128'")
     if self.activations is not None: QuantSpec.parse(self.activations)
     choices = dict(init=INITS, masters=MASTERS, mode=QUANTIZER_MODES, ste=('plain', 'clipped'))
     for k, allowed in choices.items():
@@ -477,6 +478,7 @@ class Trainer:
                  progress:bool=True, # show a tqdm progress bar
                 ):
         self.cfg, self.callbacks, self.progress = _as_config(config), list(callbacks), progress
+        if self.cfg.training.output_dir: check_folder(self.cfg.training.output_dir, 'train-run')   # before anything loads
         self.rank, self.world, self.device = init_distributed(self.cfg.training.device)
         self.seconds, self.blockwise_report = {}, []
         self.setup_teacher(teacher, student)
@@ -995,11 +997,22 @@ def _parse_overrides(pairs:list[str]) -> dict:
         over[k.strip()] = yaml.safe_load(v)
     return over
 
+# %% ../nbs/08_trainer.ipynb #384d1fd4
+class OneLineParser(argparse.ArgumentParser):
+    "argparse whose errors are one line, `NAME: error: --flag: message`, exit code 2 (no usage block); `kdq-bench` uses it too."
+    def fail(self, message:str):
+        "Print `message` as the command's one-line error and exit with code 2."
+        self.exit(2, f"{'kdq-bench' if self.prog.startswith('kdq-bench') else self.prog}: error: {message}\n")
+    def error(self, message:str):
+        m = re.fullmatch(r"argument (\S+?)(?:/\S+)?: (.*)", message, re.S)
+        self.fail(f"{m[1]}: {m[2]}" if m else f"{message} (see {self.prog} --help)")
+
 # %% ../nbs/08_trainer.ipynb #0a941df6
 def main(argv:Sequence[str]|None=None, # command-line arguments (default sys.argv[1:])
+         prog:str='python -m kdq_bench.trainer', # the command's name in help and errors (`kdq-bench train` passes its own)
         ) -> int:
     "Command-line entry point: `python -m kdq_bench.trainer --config cfg.yaml` (also under torchrun)."
-    p = argparse.ArgumentParser(prog='python -m kdq_bench.trainer', description='Train a KD+QAT student from a YAML config.')
+    p = OneLineParser(prog=prog, description='Train a KD+QAT student from a YAML config.')
     p.add_argument('--config', required=True, help='YAML file with training/quantization/distillation/optimizer/blockwise sections')
     p.add_argument('--resume', nargs='?', const=True, default=False, help='continue from the latest checkpoint (or from the given one)')
     p.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE', help='override a config value (YAML syntax); repeatable')
@@ -1007,10 +1020,11 @@ def main(argv:Sequence[str]|None=None, # command-line arguments (default sys.arg
     p.add_argument('--threads', type=int, help='torch.set_num_threads')
     p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     a = p.parse_args(argv)
-    try: cfg, raw = _cli_config(a)
-    except ValueError as e: p.error(str(e))
-    if a.threads: torch.set_num_threads(a.threads)
-    res = Trainer(cfg, progress=not a.no_progress).fit(resume=a.resume)
+    try:
+        cfg, raw = _cli_config(a)               # everything checkable without a model, first
+        if a.threads: torch.set_num_threads(a.threads)
+        res = Trainer(cfg, progress=not a.no_progress).fit(resume=a.resume)
+    except (ValueError, WriteError) as e: p.fail(str(e) if str(e).startswith('--') else f"--config: {e}")
     if _dist()[0] == 0:
         last = res.history[-1] if res.history else {}
         print(json.dumps(dict(status=res.status, step=res.step, checkpoint=str(res.checkpoint) if res.checkpoint else None,
@@ -1032,6 +1046,10 @@ def _cli_config(a) -> tuple[TrainConfig, dict]:
     if not cfg.training.output_dir: raise ValueError("training.output_dir is not set: the run would keep nothing; set it or pass --output-dir DIR")
     if 'teacher' not in (raw.get('training') or {}) and 'training.teacher' not in over:
         raise ValueError("training.teacher is not set: name the teacher ('embedded', 'smollm2-135m' or a folder) so that nothing long starts by default")
+    check_folder(cfg.training.output_dir, 'train-run'); cache_dir()    # where it writes, before any model loads
+    for k, check in (('teacher', check_teacher), ('corpus', check_corpus)):
+        try: check(getattr(cfg.training, k))
+        except ValueError as e: raise ValueError(f"training.{k}: {e}") from None
     return cfg, raw
 
 # %% ../nbs/08_trainer.ipynb #80d6485c

@@ -200,3 +200,13 @@ def test_study_tasks_rescores_rows_with_paired_differences(study, tmp_path):
     # a second run resumes: nothing to rescore, same table
     assert st.main([str(out), '--out', str(tmp_path / 'tasks'), '--n-cloze', '6', '--n-choice', '5']) is None
     assert (tmp_path / 'tasks' / 'table.md').read_text() == table
+
+
+def test_cached_states_serve_only_the_study_that_made_them(tmp_path):
+    "A PTQ/start state left by an overwritten study with other parameters is computed again, not reused (issue 12)."
+    from kdq_bench.benchmarks import StudyConfig, _save_state, _load_state
+    m = torch.nn.Linear(4, 4)
+    a = StudyConfig(teacher='embedded', calib_samples=4).study_params()
+    _save_state(m, tmp_path/'s', dict(seconds=1.0, study=a), 'ptq-student')
+    assert _load_state(tmp_path/'s', torch.nn.Linear(4, 4), a) is not None
+    assert _load_state(tmp_path/'s', torch.nn.Linear(4, 4), StudyConfig(teacher='embedded', calib_samples=16).study_params()) is None

@@ -93,3 +93,46 @@ def test_documented_commands_parse_and_validate(tmp_path):
         if c.cell_type == 'code' and {'parameters', 'injected-parameters'} & set(c.metadata.get('tags', [])): exec(c.source, ns)
     cfg = StudyConfig.from_namespace(ns)
     assert cfg.weights == ['int3-g128'] and cfg.seeds == [0, 1] and cfg.teacher == 'embedded' and cfg.out == 'runs/x'
+
+
+def _refused(capsys, argv, flag):
+    "`kdq-bench ARGV` is refused in one line `kdq-bench: error: FLAG: ...` with exit code 2."
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert '\n' not in err and err.startswith(f"kdq-bench: error: {flag}: "), err
+    return err
+
+
+@pytest.mark.parametrize('bad', ['missing', 'file', 'json', 'truncated'])
+def test_bad_inputs_are_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, teacher_dir, bad):
+    "Output paths under a file, unparsable numbers, teacher folders that cannot load: refused by every command, one line, code 2."
+    import kdq_bench.models as M
+    monkeypatch.setattr(M, '_load_dir', lambda *a, **k: pytest.fail('a model was loaded'))       # nothing may load
+    f = tmp_path/'afile'; f.write_text('mine')
+    t = tmp_path/'teacher'
+    if bad == 'file': t = f
+    elif bad != 'missing':
+        t.mkdir(); [os.symlink(p, t/p.name) for p in Path(teacher_dir).iterdir() if p.name != 'manifest.json']
+        if bad == 'json': (t/'config.json').unlink(); (t/'config.json').write_text('{not json')
+        else:
+            w = (t/'model.safetensors').read_bytes(); (t/'model.safetensors').unlink(); (t/'model.safetensors').write_bytes(w[:len(w)//2])
+    _refused(capsys, ['ptq', '--teacher', str(t), '--out', str(tmp_path/'o')], '--teacher')
+    _refused(capsys, ['compare', '--teacher', str(t), '--out', str(tmp_path/'o')], '--teacher')
+    cfg = tmp_path/'c.yaml'; cfg.write_text(f"training: {{teacher: '{t}', steps: 2, output_dir: '{tmp_path/'r'}'}}")
+    with pytest.raises(SystemExit) as e: main(['train', '--config', str(cfg)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and '\n' not in err and err.startswith('kdq-bench: error: --config: training.teacher: '), err
+    if bad == 'missing':   # the same for flags argparse refuses and output folders under a file
+        _refused(capsys, ['compare', '--lr', 'abc'], '--lr')
+        assert main(['ptq', '--teacher', 'embedded', '--out', str(f/'sub')]) == 2
+        assert 'is a file, so no folder' in capsys.readouterr().err
+    assert f.read_text() == 'mine' and not (tmp_path/'o').exists() and not (tmp_path/'r').exists()
+
+
+def test_train_config_errors_after_the_checks_are_one_line(tmp_path, capsys, teacher_dir):
+    "Errors found while the run is set up (a window beyond the context, an activation format as weights) are one line too."
+    for extra, msg in (("seq_len: 100000", "longer than the model's context"), ("seq_len: 16}\nquantization: {weights: int8-token", 'per token')):
+        cfg = tmp_path/'c.yaml'; cfg.write_text(f"training: {{teacher: '{teacher_dir}', steps: 2, batch_size: 2, output_dir: '{tmp_path/'r'}', {extra}}}")
+        with pytest.raises(SystemExit) as e: main(['train', '--config', str(cfg), '--no-progress'])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and '\n' not in err and msg in err and err.startswith('kdq-bench: error: --config: '), err

@@ -521,3 +521,16 @@ def test_window_errors():
     with pytest.raises(ValueError, match="only 0 tokens"): eval_windows(TOK[:0], 8)
     with pytest.raises(ValueError, match="1-D"): batch_at(TOK.reshape(1, -1), 0, 2, 8)
     with pytest.raises(ValueError, match="n_samples"): calibration_set(TOK, 0, 8)
+
+
+def test_check_corpus_refuses_what_cannot_load(monkeypatch):
+    "Unknown names, paths matching nothing and corpora not installed are ValueErrors (CorpusUnavailable is one), before any reading."
+    from kdq_bench.data import check_corpus, CorpusUnavailable, CORPORA
+    assert check_corpus('shakespeare') == 'shakespeare' and issubclass(CorpusUnavailable, ValueError)
+    for bad in ('klingon', '/no/such/dir/*.txt', ''):
+        with pytest.raises(ValueError): check_corpus(bad)
+    import datasets
+    monkeypatch.setattr(datasets.config, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(datasets, 'load_dataset_builder', lambda *a, **k: (_ for _ in ()).throw(ConnectionError('offline')))
+    assert not CORPORA['wikitext-2'].available()          # offline and not in the local cache: not installed
+    with pytest.raises(ValueError, match='not installed'): check_corpus('wikitext-2')

@@ -135,6 +135,7 @@ def test_claim_refusals_before_any_work(tmp_path, monkeypatch):
     (user / ".git").mkdir(); (user / ".git" / "HEAD").write_text("ref")
     cases[str(user)] = "not created by kdq_bench"
     cases[str(user / "notes.txt")] = "is a file"
+    cases[str(user / "notes.txt" / "run")] = cases[str(user / "notes.txt" / "a" / "b")] = "is a file, so no folder"  # under a file
     only_git = tmp_path / "repo"; (only_git / ".git").mkdir(parents=True)
     cases[str(only_git)] = "not created by kdq_bench"                                     # hidden files count
     other = claim_folder(tmp_path / "other", "train-run")
