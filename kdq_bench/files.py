@@ -224,6 +224,9 @@ def remove_owned(folder:str|Path, # a kdq_bench folder (one with a marker)
     if m is None: raise ValueError(f"{folder} is not a kdq_bench folder (no {MARKER}): kdq_bench deletes nothing there")
     safe = lambda r: not Path(r).is_absolute() and '..' not in Path(r).parts and r not in ('', '.', MARKER)
     removed = []
+    for r in sorted(m.get('dirs', []), key=lambda r: -len(Path(r).parts)):   # nested kdq_bench folders: their own record first
+        q = folder/r
+        if safe(r) and q.is_dir() and not q.is_symlink() and _read_marker(q) is not None: removed += remove_owned(q)
     for r in m.get('files', []):
         q = folder/r
         if safe(r) and (q.is_symlink() or q.is_file()): q.unlink(); removed.append(q)

@@ -196,6 +196,21 @@ def test_remove_owned_folder_lifecycle(tmp_path):
     assert theirs.is_dir() and list(theirs.iterdir()) == []         # existed before: kept, empty
 
 
+def test_remove_owned_empties_nested_kdq_folders_by_their_own_record(tmp_path):
+    "A study's run folder, recorded when it started, holds checkpoints only its own marker lists (an interrupted run)."
+    study = claim_folder(tmp_path / "study", "study")
+    (study / "runs" / "kd").mkdir(parents=True); record(study, study / "runs")
+    run = claim_folder(study / "runs" / "kd", "train-run")            # the trainer claims the folder the study recorded
+    ck = claim_folder(run / "checkpoint-4", "checkpoint"); atomic_write_text(ck / "w.bin", "w"); record(ck, "w.bin")
+    atomic_write_text(run / "metrics.jsonl", "{}"); record(run, "metrics.jsonl", ck)
+    (run / "my-notes.md").write_text("mine")                          # the user's file inside kdq_bench's run
+    remove_owned(study, keep_folder=True)
+    left = sorted(p.relative_to(study).as_posix() for p in study.rglob("*"))
+    assert left == [MARKER, "runs", "runs/kd", "runs/kd/my-notes.md"]
+    assert json.loads((study / MARKER).read_text())["files"] == []
+    with pytest.raises(ValueError, match="not empty"): claim_folder(study / "runs" / "kd", "train-run")   # no marker left: the user's
+
+
 def test_record_refuses_outside_and_is_concurrency_safe(tmp_path):
     run = claim_folder(tmp_path / "run", "study")
     for p in (tmp_path / "x", "../x", run / MARKER, run):
