@@ -78,7 +78,7 @@ def study_students(a):
     "The rows of a study folder with a GGUF export, measured against their artifacts (see the module docstring)."
     out = Path(a.study)
     m = json.loads((out / 'metrics.json').read_text())
-    rows = [r for r in m['rows'] if (r.get('export') or {}).get('gguf')]
+    rows = [r for r in m['rows'] if (r.get('exports') or {}).get('gguf')]
     if not rows: raise ValueError(f"{out} holds no exported row: run the study with --export gguf,compressed-tensors")
     torch.set_num_threads(a.threads)
     t0 = time.time()
@@ -93,12 +93,12 @@ def study_students(a):
     res, ppl_rows = {'args': vars(a), 'eval_tokens': len(test), 'seq_len': L, 'students': {}}, [dict(model='FP32 teacher', engine='torch', ppl=fp.ppl)]
     speed_models = {'FP32 teacher torch': ('torch', teacher)}
     for r in rows:
-        name, f = f"{r['method']} {r['weights']}" + ('' if r.get('seed') is None else f" seed{r['seed']}"), out / r['export']['gguf']['path']
+        name, f = f"{r['method']} {r['weights']}" + ('' if r.get('seed') is None else f" seed{r['seed']}"), out / r['exports']['gguf']['path']
         exact = load_quantized(out / r['artifact'], backend='dequant')
         llm = llama_cpp_model(f, n_ctx=L, n_threads=a.threads)
-        x = dict(study_ppl=r['ppl'], gguf_bytes=r['export']['gguf']['size_bytes'], packed_bytes=r['size_bytes'])
+        x = dict(study_ppl=r['ppl'], gguf_bytes=r['exports']['gguf']['size_bytes'], packed_bytes=r['size_bytes'])
         x |= logit_agreement(llm, exact, prompts)
-        if (ct := (r.get('export') or {}).get('compressed-tensors')): x['ct_logits_bit_equal'] = ct_bit_equal(out / ct['path'], exact, prompts[0])
+        if (ct := (r.get('exports') or {}).get('compressed-tensors')): x['ct_logits_bit_equal'] = ct_bit_equal(out / ct['path'], exact, prompts[0])
         ours = perplexity(exact, test, seq_len=L, progress=False)
         tot, n = llama_cpp_nll(llm, test, plan, L)
         assert n == ours.n_tokens, (n, ours.n_tokens)

@@ -617,7 +617,7 @@ def _ptq_row(s:_Study, r:dict) -> dict:
     save_quantized(copy.deepcopy(student).to('cpu'), s.out/name, dense_dtype=s.cfg.dense_dtype, embedding=s.cfg.embedding)
     record(s.out, s.out/name)
     row = dict(artifact_metrics(s.out/name, s.ev, s.teacher.model, s.cfg, s.device), seconds=info['seconds'], tokens=info['calib_tokens'], artifact=name)
-    if exports_row(s.cfg, r): row['export'] = export_row(student, s.cfg, s.teacher, s.out, name)
+    if exports_row(s.cfg, r): row['exports'] = export_row(student, s.cfg, s.teacher, s.out, name)
     return row
 
 # %% ../nbs/09_benchmarks.ipynb #d03dc70e
@@ -636,7 +636,7 @@ def _trained(s:_Study, r:dict) -> dict:
     else:
         save_quantized(res.student.to('cpu'), s.out/name, dense_dtype=cfg.dense_dtype, embedding=cfg.embedding); record(s.out, s.out/name)
         row.update(artifact_metrics(s.out/name, s.ev, s.teacher.model, cfg, s.device), artifact=name)
-        if exports_row(cfg, r): row['export'] = export_row(res.student, cfg, s.teacher, s.out, name)
+        if exports_row(cfg, r): row['exports'] = export_row(res.student, cfg, s.teacher, s.out, name)
     for ck in list_checkpoints(run_dir): remove_owned(ck)    # the artifact is what is kept
     record(s.out, run_dir)
     return row
@@ -729,7 +729,7 @@ def summary(rows:list[dict]) -> list[dict]:
         for k in ('ppl', 'delta_pct', 'kl', 'top1', 'size_bytes', 'compression', 'seconds', 'tokens', 'decode_ratio'):
             s[k], s[k + '_sd'] = _stat(rs, lambda x: x.get(k))
         for t, k in (('gguf', 'gguf_bytes'), ('compressed-tensors', 'ct_bytes')):
-            s[k], s[k + '_sd'] = _stat(rs, lambda x: ((x.get('export') or {}).get(t) or {}).get('size_bytes'))
+            s[k], s[k + '_sd'] = _stat(rs, lambda x: ((x.get('exports') or {}).get(t) or {}).get('size_bytes'))
         s['other'] = {c: _stat(rs, lambda x: x['other_ppl'][c]) for c in rs[0].get('other_ppl', {})}
         s['acc'] = {k: _stat(rs, lambda x: x['tasks'][k]) for k in rs[0].get('tasks') or {} if k.endswith('/acc')}
         out.append(s)

@@ -46,11 +46,11 @@ def _artifact_state(model):
 
 def test_exported_rows_files_and_sizes(study):
     out, m = study
-    got = {(r['method'], r['weights']): sorted(r['export']) if 'export' in r else None for r in m['rows']}
+    got = {(r['method'], r['weights']): sorted(r['exports']) if 'exports' in r else None for r in m['rows']}
     assert got == {('teacher', 'fp32'): None, ('rtn', 'int8'): None,     # the int8 baseline is not one of the study's formats
                    ('rtn', 'gguf-q4_0'): ['compressed-tensors', 'gguf'], ('kd+qat', 'gguf-q4_0'): ['compressed-tensors', 'gguf']}
     for r in m['rows']:
-        for t, e in (r.get('export') or {}).items():
+        for t, e in (r.get('exports') or {}).items():
             p = out / e['path']
             assert p.parent == out / 'export' / r['artifact'] and p.exists()
             assert e['size_bytes'] == _files_bytes(p) > 0
@@ -64,7 +64,7 @@ def test_gguf_reads_back_the_artifact_bit_for_bit(study, method):
     "The gguf package's reader gives back exactly the tensors the row's artifact computes with (packed linears dequantized)."
     out, m = study
     r = next(r for r in m['rows'] if r['method'] == method and r['weights'] == 'gguf-q4_0')
-    f = out / r['export']['gguf']['path']
+    f = out / r['exports']['gguf']['path']
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(f)).tensors}
     assert types['blk.0.attn_q.weight'] == GT.Q4_0 and types['blk.0.ffn_down.weight'] == GT.Q4_0
     assert types['output_norm.weight'] == GT.F32     # the int8 embedding's dequantized values are not bfloat16 numbers: F32
@@ -81,7 +81,7 @@ def test_compressed_tensors_logits_equal_the_artifact(study, tiny_teacher, metho
     "transformers + compressed-tensors load the checkpoint and compute the artifact's logits, bit for bit."
     out, m = study
     r = next(r for r in m['rows'] if r['method'] == method and r['weights'] == 'gguf-q4_0')
-    p = out / r['export']['compressed-tensors']['path']
+    p = out / r['exports']['compressed-tensors']['path']
     qc = json.loads((p / 'config.json').read_text())['quantization_config']
     w = qc['config_groups']['group_0']['weights']
     assert (qc['format'], w['num_bits'], w['group_size'], w['symmetric']) == ('pack-quantized', 4, 32, True)
@@ -100,11 +100,11 @@ def test_table_shows_export_sizes_only_when_exported(study):
     assert '| size | GGUF | c-t | compression |' in head
     kd = next(r for r in m['rows'] if r['method'] == 'kd+qat')
     line = next(l for l in table.splitlines() if l.startswith('| KD+QAT |'))
-    assert f"| {kd['export']['gguf']['size_bytes'] / 1e6:.2f} MB | {kd['export']['compressed-tensors']['size_bytes'] / 1e6:.2f} MB |" in line
+    assert f"| {kd['exports']['gguf']['size_bytes'] / 1e6:.2f} MB | {kd['exports']['compressed-tensors']['size_bytes'] / 1e6:.2f} MB |" in line
     assert '| – | – |' in next(l for l in table.splitlines() if l.startswith('| PTQ RTN | int8 |'))
     assert (out / 'table.md').read_text() == table
     plain = {**m, 'params': {k: v for k, v in m['params'].items() if k != 'export'},
-             'rows': [{k: v for k, v in r.items() if k != 'export'} for r in m['rows']]}
+             'rows': [{k: v for k, v in r.items() if k != 'exports'} for r in m['rows']]}
     assert 'GGUF' not in markdown_table(plain) and 'c-t' not in markdown_table(plain)
 
 
