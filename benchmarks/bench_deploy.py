@@ -18,6 +18,11 @@ train split), written three ways: `export_gguf` (dense tensors F32: lossless), `
 - compressed-tensors: the folder reloaded by transformers gives the student's logits bit for bit;
 - decode speed, tokens/s, greedy, after a 64-token prompt, timed round-robin in one run (median of --runs after a
   warm-up round): the FP32 teacher in torch, each student in llama.cpp and in the packed path (bfloat16).
+
+With --study FOLDER the students are instead the rows a study exported (`kdq-bench compare ... --export
+gguf,compressed-tensors`; trained KD+QAT students included): each row's GGUF file in llama.cpp against the row's
+artifact (`load_quantized(..., backend='dequant')`, what the study scored) on the study's own test text, teacher and
+evaluation window: perplexity in both, logit agreement, the compressed-tensors export's logits, decode speed.
 """
 import argparse, copy, json, math, statistics, tempfile, time
 from pathlib import Path
@@ -69,6 +74,67 @@ def ct_bit_equal(path, student, prompt):
     with torch.inference_mode(): return bool(torch.equal(back(torch.tensor([prompt])).logits, student(torch.tensor([prompt])).logits))
 
 
+def study_students(a):
+    "The rows of a study folder with a GGUF export, measured against their artifacts (see the module docstring)."
+    out = Path(a.study)
+    m = json.loads((out / 'metrics.json').read_text())
+    rows = [r for r in m['rows'] if (r.get('exports') or {}).get('gguf')]
+    if not rows: raise ValueError(f"{out} holds no exported row: run the study with --export gguf,compressed-tensors")
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    t = load_teacher(m['teacher']['path'] or m['params']['teacher'])
+    teacher, tok, L = t.model.eval(), t.tokenizer, m['eval']['seq_len']
+    test = np.asarray(tokenize_split(m['corpus'], 'test', tok), dtype=np.int64)[:a.eval_tokens]
+    plan = window_plan(len(test), L, L)
+    print(f"study {out} (teacher {m['teacher']['name']}), {len(test)} test tokens of {m['corpus']} in {len(plan)} windows of {L}, "
+          f"threads {a.threads}, torch {torch.__version__}", flush=True)
+    prompts = [test[i * (len(test) // 4): i * (len(test) // 4) + 64].tolist() for i in range(4)]
+    fp = perplexity(teacher, test, seq_len=L, progress=False)
+    res, ppl_rows = {'args': vars(a), 'eval_tokens': len(test), 'seq_len': L, 'students': {}}, [dict(model='FP32 teacher', engine='torch', ppl=fp.ppl)]
+    speed_models = {'FP32 teacher torch': ('torch', teacher)}
+    for r in rows:
+        name, f = f"{r['method']} {r['weights']}" + ('' if r.get('seed') is None else f" seed{r['seed']}"), out / r['exports']['gguf']['path']
+        exact = load_quantized(out / r['artifact'], backend='dequant')
+        llm = llama_cpp_model(f, n_ctx=L, n_threads=a.threads)
+        x = dict(study_ppl=r['ppl'], gguf_bytes=r['exports']['gguf']['size_bytes'], packed_bytes=r['size_bytes'])
+        x |= logit_agreement(llm, exact, prompts)
+        if (ct := (r.get('exports') or {}).get('compressed-tensors')): x['ct_logits_bit_equal'] = ct_bit_equal(out / ct['path'], exact, prompts[0])
+        ours = perplexity(exact, test, seq_len=L, progress=False)
+        tot, n = llama_cpp_nll(llm, test, plan, L)
+        assert n == ours.n_tokens, (n, ours.n_tokens)
+        llm.close()
+        x |= dict(ppl_kdq_bench=ours.ppl, ppl_llama_cpp=math.exp(tot / n))
+        ppl_rows += [dict(model=name, engine='kdq_bench (artifact, exact dequantization)', ppl=ours.ppl),
+                     dict(model=name, engine='llama.cpp (exported GGUF)', ppl=x['ppl_llama_cpp'])]
+        speed_models[f'{name} llama.cpp'] = ('llama', llama_cpp_model(f, n_ctx=L, n_threads=a.threads, logits_all=False))
+        speed_models[f'{name} kdq_bench packed (bf16)'] = ('torch', load_quantized(out / r['artifact'], compute_dtype=torch.bfloat16))
+        res['students'][name] = x
+        print(f"{name}: " + ', '.join(f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}' for k, v in x.items()), f"[{time.time() - t0:.0f} s]", flush=True)
+    speed = decode_speeds(speed_models, prompts[0], a.new_tokens, a.runs)
+    res |= dict(decode=speed, ppl_rows=ppl_rows, seconds=time.time() - t0)
+    if a.out: Path(a.out).write_text(json.dumps(res, indent=1, default=float))
+    print(f'\nPerplexity on the first {len(test)} test tokens of {m["corpus"]}, windows of {L}, the same in both engines\n' + md_table(ppl_rows))
+    print('\nLogits: llama.cpp vs the artifact (4 windows of 64 tokens); compressed-tensors reloaded by transformers vs the artifact\n' +
+          md_table([dict(model=k, **{c: v[c] for c in ('max_abs_logit_diff', 'max_rel_logit_diff', 'argmax_agreement', 'ct_logits_bit_equal') if c in v})
+                    for k, v in res['students'].items()]))
+    print(f'\nDecode: {a.new_tokens} tokens after a 64-token prompt, median of {a.runs} round-robin runs, {a.threads} thread(s)\n' +
+          md_table([dict(model=k, **v) for k, v in speed.items()]))
+    print(f'\ntotal {time.time() - t0:.0f} s')
+
+
+def decode_speeds(models, prompt, new_tokens, runs):
+    "tokens/s and time relative to the first model, greedy decoding timed round-robin (first round: warm-up); closes llama.cpp models."
+    times = {k: [] for k in models}
+    for i in range(runs + 1):
+        for k, (kind, m) in models.items():
+            _, s = (torch_decode if kind == 'torch' else llama_cpp_decode)(m, prompt, new_tokens)
+            if i: times[k].append(s)
+    for kind, m in models.values():
+        if kind == 'llama': m.close()
+    base = statistics.median(next(iter(times.values())))
+    return {k: dict(tokens_per_s=new_tokens / statistics.median(v), time_vs_fp32=statistics.median(v) / base) for k, v in times.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--teacher', default='smollm2-135m')
@@ -82,7 +148,9 @@ def main():
     ap.add_argument('--new-tokens', type=int, default=64)
     ap.add_argument('--out', default=None, help='write all figures to this JSON file')
     ap.add_argument('--workdir', default=None, help='where the exported files go (default: a temporary folder)')
+    ap.add_argument('--study', default=None, help="a study folder run with --export gguf[,compressed-tensors]: measure its exported rows instead")
     a = ap.parse_args()
+    if a.study: return study_students(a)
     students = [s.split(':') for s in a.students.split(',')]
     if any(len(s) != 2 for s in students): raise ValueError(f"--students takes method:format pairs, got {a.students!r}")
     torch.set_num_threads(a.threads)

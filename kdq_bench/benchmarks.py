@@ -17,12 +17,12 @@ from plotly.subplots import make_subplots
 from transformers.utils import logging as hf_logging
 from fastcore.basics import patch
 from safetensors.torch import save_model, load_model
-from .quantizers import QuantSpec, quantize, quantize_model, set_quantizer_mode
+from .quantizers import QuantSpec, quantize, quantize_model, set_quantizer_mode, fake_quant
 from .files import (claim_folder, check_folder, remove_owned, record, atomic_dir, atomic_write_json, atomic_write_text,
-                             write_manifest, verify_manifest)
-from .export import pack_qtensor, save_quantized, load_quantized
+                             write_manifest, verify_manifest, MARKER)
+from .export import pack_qtensor, save_quantized, load_quantized, round_dense, input_embedding
 from .data import tokenize_split, calibration_set, cache_dir, CORPORA, load_documents, check_corpus
-from .models import Teacher, load_teacher, make_student, freeze, KNOWN_TEACHERS, check_teacher
+from .models import Teacher, load_teacher, make_student, freeze, smollm2_gguf_path, KNOWN_TEACHERS, check_teacher
 from .evaluate import perplexity, fidelity, model_size_bytes, latency
 from .downstream import default_tasks, resolve_tasks, evaluate_tasks, study_columns
 from .ptq import ptq, PTQ_METHODS
@@ -30,14 +30,16 @@ from .teacher_cache import weights_hash
 from .trainer import (TrainConfig, Trainer, latest_checkpoint, list_checkpoints, EarlyStopping, ProgressLines, INITS,
                                LOSSES, MASTERS)
 from .blockwise import TRAINABLE, BlockwiseConfig, blockwise_distill
+from .deploy import DEPLOY_TARGETS, ggml_type, ct_args, check_deployable, export_gguf, export_compressed_tensors
 
 # %% auto #0
-__all__ = ['TRAINED_METHODS', 'STUDY_METHODS', 'MIN_EVAL_TOKENS', 'SUPPORTED', 'DATA_RANGES', 'METHOD_ORDER', 'METHOD_LABELS',
-           'CURVE_KEYS', 'StudyError', 'StudyConfig', 'check_packable', 'plan_rows', 'row_key', 'row_name',
-           'data_range', 'adapt_teacher', 'EvalSet', 'eval_set', 'task_shape', 'evaluate_row', 'decode_ratio',
-           'artifact_metrics', 'check_study_folder', 'StudyLog', 'ptq_student', 'trained_start', 'train_config',
-           'trained_row', 'fit_context', 'run_study', 'summary', 'markdown_table', 'read_curves', 'static_bundle',
-           'show_static', 'perplexity_figure', 'curves_figure', 'write_report']
+__all__ = ['TRAINED_METHODS', 'STUDY_METHODS', 'MIN_EVAL_TOKENS', 'SUPPORTED', 'DATA_RANGES', 'EXPORTED_METHODS', 'EXPORT_FILES',
+           'METHOD_ORDER', 'METHOD_LABELS', 'EXPORT_COLUMNS', 'CURVE_KEYS', 'StudyError', 'StudyConfig',
+           'check_packable', 'plan_rows', 'row_key', 'row_name', 'data_range', 'adapt_teacher', 'EvalSet', 'eval_set',
+           'task_shape', 'evaluate_row', 'decode_ratio', 'artifact_metrics', 'check_study_folder', 'StudyLog',
+           'ptq_student', 'trained_start', 'train_config', 'trained_row', 'exports_row', 'check_export',
+           'deploy_student', 'export_row', 'fit_context', 'run_study', 'summary', 'markdown_table', 'read_curves',
+           'static_bundle', 'show_static', 'perplexity_figure', 'curves_figure', 'write_report']
 
 # %% ../nbs/09_benchmarks.ipynb #089458e3
 TRAINED_METHODS = ('fp-control', 'qat', 'kd+qat')
@@ -63,6 +65,7 @@ class StudyConfig:
     # the artifacts
     dense_dtype: str = 'bfloat16'     # dtype of every artifact tensor that is not a packed linear (embedding, norms, biases): 'bfloat16' or 'float32'
     embedding: str|None = None        # weight format of every artifact's input embedding (and a tied lm_head), e.g. 'int8' or 'int4-g32'; None: dense
+    export: list = field(default_factory=list)  # deploy targets every quantized row's student is also written in, exactly: 'gguf' (llama.cpp), 'compressed-tensors' (vLLM, transformers)
     # the trained rows' recipe (QAT-only and KD+QAT share all of it but the loss)
     init: str = 'gptq'                # the trained rows' start: 'rtn', 'gptq' or 'awq'
     masters: str = 'unrounded'        # their master weights: the PTQ method's weights before rounding, or on the 'grid'
@@ -121,6 +124,7 @@ def study_params(self:StudyConfig) -> dict:
     "The parameters that define the results (not where they go or how fast): a resumed study must match them."
     d = asdict(self)
     for k in ('out', 'threads', 'device', 'latency_runs'): d.pop(k)
+    if not d['export']: d.pop('export')    # a study without exports has the parameters it had before the option existed
     return d
 
 # %% ../nbs/09_benchmarks.ipynb #e14c169e
@@ -166,6 +170,20 @@ def _other_corpora(c) -> list[str]:
     "Every other registered corpus that is installed and needs no network."
     return [n for n, k in CORPORA.items() if n != c.corpus and not k.native_splits and k.available()]
 
+# %% ../nbs/09_benchmarks.ipynb #6cbe919e
+def _check_export(export, weights:list) -> list[str]:
+    "`export` as a list of deploy targets (comma-separated strings split); StudyError on an unknown one or a format it cannot hold exactly."
+    v = [] if export is None else [export] if isinstance(export, str) else export
+    if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
+        raise StudyError('export', f"must be a list of deploy targets among {list(DEPLOY_TARGETS)}, got {export!r}")
+    ts = list(dict.fromkeys(t.strip() for x in v for t in x.split(',') if t.strip()))
+    if bad := [t for t in ts if t not in DEPLOY_TARGETS]: raise StudyError('export', f"unknown deploy target(s) {bad}; expected some of {list(DEPLOY_TARGETS)}")
+    for t in ts:
+        for w in weights:
+            try: ggml_type(w) if t == 'gguf' else ct_args(w)
+            except ValueError as e: raise StudyError('export', f"{t} cannot hold the weight format {w} exactly: {e}") from None
+    return ts
+
 # %% ../nbs/09_benchmarks.ipynb #d0620fff
 @patch
 def validate(self:StudyConfig) -> StudyConfig:
@@ -178,6 +196,7 @@ def validate(self:StudyConfig) -> StudyConfig:
     try: self.weights = [check_packable(w) for w in self.weights]
     except ValueError as e: raise StudyError('weights', str(e)) from None
     if not self.weights: raise StudyError('weights', "is empty; give at least one weight format such as 'int4-g128'")
+    self.export = _check_export(self.export, self.weights)
     if bad := [m for m in self.methods if m not in STUDY_METHODS]: raise StudyError('methods', f"unknown method(s) {bad}; expected some of {list(STUDY_METHODS)}")
     for k, allowed in dict(init=INITS, masters=MASTERS, mode=('dynamic', 'frozen', 'learned'), loss=LOSSES, trainable=TRAINABLE,
                            device=('cpu', 'cuda', 'auto'), dense_dtype=('bfloat16', 'float32')).items(): _choice(self, k, allowed)
@@ -500,6 +519,61 @@ def trained_row(cfg:StudyConfig, teacher:Teacher, r:dict, train_tokens, run_dir:
                            "run the study again to resume it from its checkpoint")
     return res, secs
 
+# %% ../nbs/09_benchmarks.ipynb #721f5bcc
+EXPORTED_METHODS = ('rtn', 'gptq', 'awq', 'qat', 'kd+qat')
+EXPORT_FILES = {'gguf': 'model.gguf', 'compressed-tensors': 'compressed-tensors'}
+
+def exports_row(cfg:StudyConfig, r:dict) -> bool:
+    "Whether row `r` of the plan is exported: the study has `export` and the row is weight-only in one of its formats."
+    return bool(cfg.export) and r['method'] in EXPORTED_METHODS and r['weights'] in cfg.weights and not r.get('acts')
+
+def _gguf_tokenizer(cfg:StudyConfig, teacher:Teacher):
+    "What export_gguf copies the tokenizer from: SmolLM2's own GGUF file, else the teacher's 🤗 tokenizer."
+    return smollm2_gguf_path() if cfg.teacher == 'smollm2-135m' else teacher.tokenizer
+
+# %% ../nbs/09_benchmarks.ipynb #73168610
+def check_export(cfg:StudyConfig, # a checked study
+                 teacher:Teacher, # its teacher (before adaptation: the architecture is the same)
+                ) -> list[str]:
+    "Raise StudyError('export') now if the teacher's students in `cfg.weights` could not be exported to `cfg.export`."
+    for w in cfg.weights if cfg.export else []:
+        try: check_deployable(teacher.model, cfg.export, weights=w, tokenizer=_gguf_tokenizer(cfg, teacher) if 'gguf' in cfg.export else None)
+        except ValueError as e: raise StudyError('export', f"{w}: {e}") from None
+    return cfg.export
+
+# %% ../nbs/09_benchmarks.ipynb #9cef40da
+def deploy_student(student:torch.nn.Module, # a row's fake-quantized student
+                   cfg:StudyConfig, # the study (its dense_dtype and embedding)
+                  ) -> torch.nn.Module:
+    "A CPU copy of `student` that computes exactly what its artifact computes: dense tensors in `dense_dtype`, the embedding in `embedding`."
+    m = copy.deepcopy(student).to('cpu').eval()
+    emb = None if cfg.embedding is None else input_embedding(m)[1]
+    with torch.no_grad():
+        q = None if emb is None else fake_quant(emb.weight, cfg.embedding)    # from the unrounded weight, as save_quantized packs it
+        round_dense(m, cfg.dense_dtype)
+        if emb is not None: emb.weight.copy_(q)
+    return m
+
+# %% ../nbs/09_benchmarks.ipynb #f23cca29
+def _bytes(p:Path) -> int:
+    "Bytes on disk of a file, or of every file in a folder but kdq_bench's marker."
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob('*') if f.is_file() and f.name != MARKER)
+
+def export_row(student:torch.nn.Module, # the row's fake-quantized student
+               cfg:StudyConfig, teacher:Teacher, out:Path, # the study, its teacher (tokenizer) and folder
+               name:str, # the row's name (`row_name`)
+              ) -> dict:
+    "Write the row's student in every target of `cfg.export` into `out/export/<name>/` (one atomic folder); target -> path, bytes, seconds."
+    m, bf16, res = deploy_student(student, cfg), cfg.dense_dtype == 'bfloat16' and cfg.embedding is None, {}   # a quantized embedding's values are not bfloat16 numbers
+    with atomic_dir(out/'export'/name, kind='study-export') as tmp:     # an interrupted export leaves no folder behind
+        for t in cfg.export:
+            t0 = time.time()
+            if t == 'gguf': export_gguf(m, tmp/EXPORT_FILES[t], _gguf_tokenizer(cfg, teacher), dense='bf16' if bf16 else 'f32', name=name)
+            else: export_compressed_tensors(m, tmp/EXPORT_FILES[t], teacher.tokenizer, dense_dtype=torch.bfloat16 if bf16 else None)
+            res[t] = dict(seconds=time.time() - t0)
+    record(out, out/'export'/name)
+    return {t: dict(v, path=f"export/{name}/{EXPORT_FILES[t]}", size_bytes=_bytes(out/'export'/name/EXPORT_FILES[t])) for t, v in res.items()}
+
 # %% ../nbs/09_benchmarks.ipynb #83254994
 @dataclass
 class _Study:
@@ -536,7 +610,9 @@ def _ptq_row(s:_Study, r:dict) -> dict:
     else: student, info = ptq_student(s.cfg, s.teacher, r['method'], r['weights'], r['calib_seed'] or 0, s.calib_tokens, s.out, s.progress)
     save_quantized(copy.deepcopy(student).to('cpu'), s.out/name, dense_dtype=s.cfg.dense_dtype, embedding=s.cfg.embedding)
     record(s.out, s.out/name)
-    return dict(artifact_metrics(s.out/name, s.ev, s.teacher.model, s.cfg, s.device), seconds=info['seconds'], tokens=info['calib_tokens'], artifact=name)
+    row = dict(artifact_metrics(s.out/name, s.ev, s.teacher.model, s.cfg, s.device), seconds=info['seconds'], tokens=info['calib_tokens'], artifact=name)
+    if exports_row(s.cfg, r): row['exports'] = export_row(student, s.cfg, s.teacher, s.out, name)
+    return row
 
 # %% ../nbs/09_benchmarks.ipynb #d03dc70e
 def _trained(s:_Study, r:dict) -> dict:
@@ -554,6 +630,7 @@ def _trained(s:_Study, r:dict) -> dict:
     else:
         save_quantized(res.student.to('cpu'), s.out/name, dense_dtype=cfg.dense_dtype, embedding=cfg.embedding); record(s.out, s.out/name)
         row.update(artifact_metrics(s.out/name, s.ev, s.teacher.model, cfg, s.device), artifact=name)
+        if exports_row(cfg, r): row['exports'] = export_row(res.student, cfg, s.teacher, s.out, name)
     for ck in list_checkpoints(run_dir): remove_owned(ck)    # the artifact is what is kept
     record(s.out, run_dir)
     return row
@@ -570,6 +647,7 @@ def fit_context(cfg:StudyConfig, # a checked study
 def _study_teacher(cfg:StudyConfig, log:StudyLog, device, progress:bool) -> Teacher:
     "The teacher, adapted to the corpus (cached), frozen on `device`; recorded in the log."
     base = teacher = load_teacher(cfg.teacher, progress=progress)
+    check_export(cfg, base)            # before any training: the exporters' own refusals, on the teacher's architecture
     if cfg.adapt_steps:
         _say(progress, f"adapting {base.name} to {cfg.corpus} (at most {cfg.adapt_steps} steps, cached)")
         teacher = adapt_teacher(base, cfg.corpus, cfg.adapt_steps, cfg.batch_size, fit_context(cfg, base.model).seq_len, cfg.adapt_lr, cfg.adapt_eval_every,
@@ -644,6 +722,8 @@ def summary(rows:list[dict]) -> list[dict]:
         s = dict(method=m, weights=w, acts=a, runs=len(rs), eval_tokens=rs[0]['eval_tokens'])
         for k in ('ppl', 'delta_pct', 'kl', 'top1', 'size_bytes', 'compression', 'seconds', 'tokens', 'decode_ratio'):
             s[k], s[k + '_sd'] = _stat(rs, lambda x: x.get(k))
+        for t, k in (('gguf', 'gguf_bytes'), ('compressed-tensors', 'ct_bytes')):
+            s[k], s[k + '_sd'] = _stat(rs, lambda x: ((x.get('exports') or {}).get(t) or {}).get('size_bytes'))
         s['other'] = {c: _stat(rs, lambda x: x['other_ppl'][c]) for c in rs[0].get('other_ppl', {})}
         s['acc'] = {k: _stat(rs, lambda x: x['tasks'][k]) for k in rs[0].get('tasks') or {} if k.endswith('/acc')}
         out.append(s)
@@ -654,12 +734,17 @@ def _fmt(v, spec, sd=None):
     if v is None: return '–'
     return format(v, spec) + ('' if not sd else f" ± {format(sd, spec.lstrip('+'))}")
 
-def _line(s:dict, ref:dict) -> str:
+EXPORT_COLUMNS = {'gguf': ('GGUF', 'gguf_bytes'), 'compressed-tensors': ('c-t', 'ct_bytes')}
+
+def _mb(v) -> str: return '–' if v is None else f"{v / 1e6:.2f} MB"
+
+def _line(s:dict, ref:dict, export=()) -> str:
     other = ''.join(f" {_fmt(100 * (mu / ref['other'][c][0] - 1), '+.1f', 100 * sd / ref['other'][c][0])}% |" for c, (mu, sd) in s['other'].items())
     acc = ''.join(f" {_fmt(100 * mu, '.1f', 100 * sd)}% ({_fmt(100 * (mu - ref['acc'][k][0]), '+.1f')}) |" for k, (mu, sd) in s['acc'].items())
+    ex = ''.join(f" {_mb(s[EXPORT_COLUMNS[t][1]])} |" for t in export)
     return (f"| {METHOD_LABELS[s['method']]} | {s['weights']} | {s['runs']} | {_fmt(s['ppl'], '.3f', s['ppl_sd'])} | "
             f"{_fmt(s['delta_pct'], '+.2f', s['delta_pct_sd'])}% | {_fmt(s['kl'], '.4f', s['kl_sd'])} | {_fmt(100 * s['top1'], '.1f')}% |{other}{acc} "
-            f"{_fmt(s['tokens'] / 1e3, ',.0f')}k | {_fmt(s['seconds'], '.0f')} s | {_fmt(s['size_bytes'] / 1e6, '.2f')} MB | "
+            f"{_fmt(s['tokens'] / 1e3, ',.0f')}k | {_fmt(s['seconds'], '.0f')} s | {_mb(s['size_bytes'])} |{ex} "
             f"{_fmt(s['compression'], '.2f')}× | {_fmt(s['decode_ratio'], '.2f')}{'×' if s['decode_ratio'] is not None else ''} |")
 
 # %% ../nbs/09_benchmarks.ipynb #e08d8ba0
@@ -682,19 +767,24 @@ def _notes(metrics:dict) -> list[str]:
              f"KD+QAT loss '{p['loss']}' at τ {', '.join(f'{x:g}' for x in taus) or p['tau']}; QAT-only: task + γ·L_quant. Seeds {p['seeds']}."]),
              f"PTQ calibration: {p['calib_samples']} × {p['calib_seq_len']} tokens, calibration seeds {p['calib_seeds']}. Data: adaptation, calibration and "
              f"training read disjoint ranges of the train split {metrics.get('data_ranges')}. Tokens and time include calibration and the block-wise phase."]
+    if ex := p.get('export'):
+        notes.append(f"Exports ({', '.join(ex)}), written exactly (no re-quantization) under export/<row>/ for the rows in {', '.join(p['weights'])}: "
+                     + '; '.join({'gguf': 'GGUF = one .gguf file for llama.cpp', 'compressed-tensors': 'c-t = a compressed-tensors checkpoint for vLLM and transformers'}[t] for t in ex)
+                     + f"; tokenizer included, dense tensors in {'BF16' if p['dense_dtype'] == 'bfloat16' and not p.get('embedding') else 'F32'}"
+                     + (f", the {p['embedding']} embedding dequantized" if p.get('embedding') else '') + '.')
     if metrics.get('skipped'): notes.append('Skipped: ' + '; '.join(metrics['skipped']) + '.')
     return notes
 
 # %% ../nbs/09_benchmarks.ipynb #fb17eb75
 def markdown_table(metrics:dict) -> str:
     "The study's result table (Markdown), one line per method and format, runs aggregated."
-    s = summary(metrics['rows'])
+    s, ex = summary(metrics['rows']), metrics['params'].get('export') or []
     ref = next(x for x in s if x['method'] == 'teacher')
     others = list(ref['other'])
     head = ('| method | weights | runs | test ppl | vs teacher | KL | top-1 |' + ''.join(f' {c} |' for c in others) +
             ''.join(f" {k.split('/')[0]} acc (Δ pts) |" for k in ref['acc']) +
-            ' tokens | time | size | compression | decode vs FP |')
-    lines = [head, '|' + '---|' * (head.count('|') - 1)] + [_line(x, ref) for x in s]
+            ' tokens | time | size |' + ''.join(f' {EXPORT_COLUMNS[t][0]} |' for t in ex) + ' compression | decode vs FP |')
+    lines = [head, '|' + '---|' * (head.count('|') - 1)] + [_line(x, ref, ex) for x in s]
     return '\n'.join(lines) + '\n\n' + '\n'.join(_notes(metrics)) + '\n'
 
 # %% ../nbs/09_benchmarks.ipynb #2f334a92

@@ -53,7 +53,7 @@ def _tau(s:str) -> float|str: return s if s == 'auto' else float(s)
 def _corpora(s:str) -> list[str]|str: return s if s == 'auto' else _csv(s)
 
 OPTION_TYPES = dict(weights=_csv, methods=_csv, seeds=_seeds, calib_seeds=_seeds, tau=_tau, eval_corpora=_corpora, tasks=_corpora,
-                    embedding=str)   # its default is None: argparse needs the type
+                    embedding=str, export=_csv)   # its default is None: argparse needs the type
 TRAINED_FIELDS = ('init', 'masters', 'mode', 'blockwise', 'blockwise_samples', 'blockwise_seq_len', 'blockwise_epochs', 'blockwise_lr',
                   'blockwise_scale_lr', 'loss', 'tau', 'lam', 'gamma', 'steps', 'batch_size', 'seq_len', 'lr', 'scale_lr', 'trainable',
                   'quant_weight_decay', 'seeds')
@@ -73,7 +73,7 @@ def add_study_options(p:argparse.ArgumentParser, # the `compare` or `ptq` sub-pa
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=docs[f.name].replace('%', '%%'))
             continue
         typ = OPTION_TYPES.get(f.name, type(default))
-        shown = ','.join(map(str, default)) if isinstance(default, list) else default
+        shown = (','.join(map(str, default)) or 'none') if isinstance(default, list) else default
         p.add_argument(flag(f.name), type=typ, default=None, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {shown})".replace('%', '%%'))   # argparse formats help with %
 
 # %% ../nbs/11_cli.ipynb #93308c03

@@ -123,7 +123,7 @@ def tokenizer_metadata(tokenizer, # a 🤗 fast byte-level BPE tokenizer, or a G
     return meta
 
 # %% ../nbs/01a_deploy.ipynb #8d8c293a
-GGUF_DENSE = {'f32': np.float32, 'f16': np.float16}
+GGUF_DENSE = {'f32': np.float32, 'f16': np.float16, 'bf16': GT.BF16}
 
 def _llama_hparams(model) -> dict:
     cfg = getattr(model, 'config', None)
@@ -163,7 +163,7 @@ _FTYPE = {GT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, GT.Q8_0: gguf.LlamaFileType.M
 
 def _file_type(types:set, dense:str) -> int:
     "general.file_type: the one ggml type of the linears, all-F32/mostly-F16 for a dense model, else 'guessed' (informative only)."
-    if not types: return gguf.LlamaFileType.ALL_F32 if dense == 'f32' else gguf.LlamaFileType.MOSTLY_F16
+    if not types: return {'f32': gguf.LlamaFileType.ALL_F32, 'bf16': gguf.LlamaFileType.MOSTLY_BF16}.get(dense, gguf.LlamaFileType.MOSTLY_F16)
     return _FTYPE.get(next(iter(types)), gguf.LlamaFileType.GUESSED) if len(types) == 1 else gguf.LlamaFileType.GUESSED
 
 # %% ../nbs/01a_deploy.ipynb #a1b001ce
@@ -205,7 +205,7 @@ def _quantized_tensors(layers:dict, nmap, rope:dict, verify:bool):
 
 # %% ../nbs/01a_deploy.ipynb #24ed79c5
 def _dense_tensors(model, layers:dict, nmap, rope:dict, tied:bool, dtype):
-    "(GGUF name, float array) of every other tensor: embedding, norms, a full-precision head."
+    "(GGUF name, array, raw ggml type or None) of every other tensor: embedding, norms, a full-precision head."
     for k, v in model.state_dict().items():
         mod, _, suffix = k.rpartition('.')
         if mod in layers or any(k.startswith(n + '.') for n in layers) or (k == 'lm_head.weight' and tied): continue
@@ -213,13 +213,14 @@ def _dense_tensors(model, layers:dict, nmap, rope:dict, tied:bool, dtype):
         if gname is None: raise ValueError(f"no GGUF tensor name for {k!r}")
         a = v.detach().float().cpu()
         if mod in rope: a = a[rope_permutation(a.shape[0], rope[mod])]
-        yield f'{gname}.{suffix}', a.numpy().astype(np.float32 if a.dim() == 1 else dtype)
+        if a.dim() > 1 and dtype is GT.BF16: yield f'{gname}.{suffix}', gguf.quants.quantize(a.numpy(), GT.BF16), GT.BF16
+        else: yield f'{gname}.{suffix}', a.numpy().astype(np.float32 if a.dim() == 1 else dtype), None
 
 # %% ../nbs/01a_deploy.ipynb #a3195847
 def export_gguf(student:nn.Module, # a fake-quantized Llama (transformers LlamaForCausalLM after `quantize_model` or a PTQ method)
                 path, # the .gguf file to write (replaced atomically)
                 tokenizer, # its 🤗 byte-level BPE tokenizer, a GGUF file to copy the tokenizer from, or `tokenizer_metadata`'s dict
-                dense:str='f32', # type of the other tensors: 'f32' (lossless) or 'f16'
+                dense:str='f32', # type of the other tensors: 'f32' (lossless), 'f16' or 'bf16' (norms stay f32)
                 pre:str|None=None, # llama.cpp pre-tokenizer name (None: read from the tokenizer)
                 name:str='kdq_bench student', # general.name
                 verify:bool=True, # read every packed tensor back with gguf.quants and compare bit for bit
@@ -238,7 +239,7 @@ def export_gguf(student:nn.Module, # a fake-quantized Llama (transformers LlamaF
         w.add_file_type(_file_type({ggml_type(m.w_spec) for m in layers.values()}, dense))
         _write_fields(w, meta)
         for gname, data, t in _quantized_tensors(layers, nmap, rope, verify): w.add_tensor(gname, data, raw_dtype=t)
-        for gname, a in _dense_tensors(student, layers, nmap, rope, tied, GGUF_DENSE[dense]): w.add_tensor(gname, a)
+        for gname, a, t in _dense_tensors(student, layers, nmap, rope, tied, GGUF_DENSE[dense]): w.add_tensor(gname, a, raw_dtype=t)
         w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     return path
 
@@ -337,6 +338,7 @@ def export_compressed_tensors(student:nn.Module, # a fake-quantized 🤗 causal 
                               path, # output folder (new, empty, or one this function wrote; replaced atomically)
                               tokenizer=None, # its 🤗 tokenizer, saved alongside when given
                               verify:bool=True, # decompress every layer with compressed-tensors and compare bit for bit
+                              dense_dtype:torch.dtype|None=None, # dtype of the other floating tensors (e.g. torch.bfloat16); None: as they are
                              ) -> Path:
     "Write `student` as a compressed-tensors pack-quantized 🤗 checkpoint (vLLM, SGLang, transformers); returns the folder."
     from compressed_tensors.compressors import ModelCompressor
@@ -348,7 +350,7 @@ def export_compressed_tensors(student:nn.Module, # a fake-quantized 🤗 causal 
     tied = bool(getattr(student.config, 'tie_word_embeddings', False))
     for k, v in student.state_dict().items():
         if k.rpartition('.')[0] in layers or any(k.startswith(n + '.') for n in layers) or (k == 'lm_head.weight' and tied): continue
-        sd[k] = v.detach().cpu().contiguous()
+        sd[k] = v.detach().cpu().to(dense_dtype if dense_dtype is not None and v.is_floating_point() else v.dtype).contiguous()
     with atomic_dir(path, kind='compressed-tensors') as tmp:
         save_file(sd, str(tmp / 'model.safetensors'), metadata={'format': 'pt'})
         student.config.to_json_file(str(tmp / 'config.json'))

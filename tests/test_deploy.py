@@ -250,7 +250,7 @@ def test_export_gguf_refuses_before_writing(teacher, tmp_path):
     with pytest.raises(ValueError, match='multiple of 32'):
         export_gguf(_student(tiny_llama(vocab=len(tok), hidden=48, layers=1, heads=2), 'mxfp4'), f, tok)
     with pytest.raises(ValueError, match='Llama'): export_gguf(nn.Sequential(nn.Linear(32, 32)), f, tok)
-    with pytest.raises(ValueError, match='dense'): export_gguf(_student(model, 'mxfp4'), f, tok, dense='bf16')
+    with pytest.raises(ValueError, match='dense'): export_gguf(_student(model, 'mxfp4'), f, tok, dense='fp8')
     assert not f.exists()
 
 
