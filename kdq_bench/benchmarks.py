@@ -467,7 +467,7 @@ def ptq_student(cfg:StudyConfig, teacher:Teacher, method:str, weights:str, calib
     ptq(student, method, calib, weights=weights, masters='unrounded', **kw)
     info = dict(method=method, weights=weights, calib_seed=calib_seed, seconds=time.time() - t0,
                 calib_tokens=0 if calib is None else int(calib.numel()), study=cfg.study_params())
-    _save_state(student, folder, info, 'ptq-student')
+    _save_state(student, folder, info, 'ptq-student'); record(out, folder.parent)
     return student.eval(), info
 
 # %% ../nbs/09_benchmarks.ipynb #fb03d57a
@@ -483,10 +483,11 @@ def trained_start(cfg:StudyConfig, teacher:Teacher, weights:str, seed:int, calib
         b = BlockwiseConfig(True, cfg.blockwise_samples, cfg.blockwise_seq_len, cfg.blockwise_epochs, lr=cfg.blockwise_lr,
                             scale_lr=cfg.blockwise_scale_lr, trainable=cfg.trainable if cfg.mode == 'learned' else 'weights', seed=seed)
         calib, t0 = calibration_set(train_tokens, b.samples, b.seq_len, seed=1000 + seed), time.time()
-        rep = blockwise_distill(student.train(), teacher.model, calib, b, state_dir=out/'starts'/f".blockwise-{weights}-seed{seed}", progress=progress)
+        state = claim_folder(out/'starts'/f".blockwise-{weights}-seed{seed}", 'blockwise-state'); record(out, out/'starts')   # the study's, even if interrupted
+        rep = blockwise_distill(student.train(), teacher.model, calib, b, state_dir=state, progress=progress)
         info.update(blockwise=dict(report=rep, seconds=time.time() - t0, tokens=b.samples * b.seq_len * b.epochs))
         info['seconds'] += info['blockwise']['seconds']; info['tokens'] += info['blockwise']['tokens']
-    _save_state(student, folder, info, 'trained-start')
+    _save_state(student, folder, info, 'trained-start'); record(out, folder.parent)
     return student, info
 
 # %% ../nbs/09_benchmarks.ipynb #404b2210
@@ -513,7 +514,7 @@ def trained_row(cfg:StudyConfig, teacher:Teacher, r:dict, train_tokens, run_dir:
         resume=latest_checkpoint(run_dir) is not None)
     f = run_dir/'seconds.json'
     secs = (json.loads(f.read_text())['seconds'] if f.exists() else 0.0) + time.time() - t0
-    atomic_write_json(f, {'seconds': secs})
+    atomic_write_json(f, {'seconds': secs}); record(run_dir, f)
     if res.status != 'completed':    # SIGTERM (cancelled, preempted, out of time): record nothing, resume next time
         raise RuntimeError(f"training of {row_name(r)} stopped at step {res.step} of {tc.training.steps} (SIGTERM); "
                            "run the study again to resume it from its checkpoint")
@@ -621,6 +622,7 @@ def _trained(s:_Study, r:dict) -> dict:
     start, sinfo = (None, dict(seconds=0.0, tokens=0)) if r['method'] == 'fp-control' else \
         trained_start(cfg, s.teacher, r['weights'], r['seed'], s.calib_tokens, s.train_tokens, s.out, s.progress)
     run_dir = s.out/'runs'/name
+    run_dir.mkdir(parents=True, exist_ok=True); record(s.out, s.out/'runs')   # the study's from the start: --overwrite removes an interrupted run too
     res, secs = trained_row(cfg, s.teacher, r, s.train_tokens, run_dir, start, s.progress)
     row = dict(seconds=sinfo['seconds'] + secs, tokens=sinfo['tokens'] + res.step * cfg.batch_size * cfg.seq_len,
                start=sinfo if start is not None else None, train_seconds=secs, curves=str((run_dir/'metrics.jsonl').relative_to(s.out)),

@@ -6,12 +6,13 @@ Docs: https://kdq-bench.github.io/kdq_bench/blockwise.html.md"""
 
 # %% ../nbs/07a_blockwise.ipynb #239047a0
 from __future__ import annotations
-import json, math, sys, time
+import hashlib, json, math, sys, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file, load_file
+from .files import atomic_file, atomic_write_json, claim_folder, record
 from .quantizers import fake_quant_layers
 from .models import decoder_layers
 from .ptq import layer_inputs
@@ -115,19 +116,25 @@ def reconstruct_block(block:nn.Module, # the student block (trained in place)
     return dict(mse_before=before, mse_after=min(after, before), steps=step, reverted=after > before)
 
 # %% ../nbs/07a_blockwise.ipynb #82a03e8c
-def _save_block(state_dir:Path, i:int, block:nn.Module, report:list):
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir/f'.block-{i:03d}.tmp'
-    save_file({k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}, str(tmp))
-    tmp.replace(state_dir/f'block-{i:03d}.safetensors')
-    j = state_dir/'.progress.json.tmp'
-    j.write_text(json.dumps(dict(done=i + 1, report=report)))
-    j.replace(state_dir/'progress.json')
+def _state_key(cfg, calib:torch.Tensor, student:nn.Module) -> dict:
+    "What a saved phase was computed from: its settings, the calibration windows and the student it started from."
+    h = hashlib.sha256(calib.detach().cpu().numpy().tobytes())
+    for k, v in student.state_dict().items(): h.update(k.encode()); h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return json.loads(json.dumps(dict(settings=asdict(cfg), start=h.hexdigest()[:16])))
 
-def _load_done(state_dir:Path|None, blocks) -> tuple[int, list]:
-    "Finished blocks loaded back from `state_dir`: (how many, their reports)."
+def _save_block(state_dir:Path, i:int, block:nn.Module, report:list, key:dict):
+    f = state_dir/f'block-{i:03d}.safetensors'
+    with atomic_file(f) as tmp: save_file({k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}, str(tmp))
+    atomic_write_json(state_dir/'progress.json', dict(done=i + 1, report=report, key=key))
+    record(state_dir, f, 'progress.json')
+
+def _load_done(state_dir:Path|None, blocks, key:dict) -> tuple[int, list]:
+    "Finished blocks loaded back from `state_dir`: (how many, their reports); none if that state was computed from anything else."
     if state_dir is None or not (state_dir/'progress.json').exists(): return 0, []
     prog = json.loads((state_dir/'progress.json').read_text())
+    if prog.get('key') != key:
+        print(f"[blockwise] {state_dir} holds blocks of another start or other settings: starting the phase over", file=sys.stderr)
+        return 0, []
     for i in range(prog['done']):
         blocks[i].load_state_dict(load_file(str(state_dir/f'block-{i:03d}.safetensors')), strict=True)
     return prog['done'], prog['report']
@@ -144,8 +151,9 @@ def blockwise_distill(student:nn.Module, # fake-quantized student (trained in pl
     cfg = (cfg or BlockwiseConfig()).validate()
     (_, s_blocks), (_, t_blocks) = decoder_layers(student), decoder_layers(teacher)
     if len(s_blocks) != len(t_blocks): raise ValueError(f"student has {len(s_blocks)} blocks, teacher {len(t_blocks)}; expected the same architecture")
-    state_dir = None if state_dir is None else Path(state_dir)
-    done, report = _load_done(state_dir, s_blocks)
+    state_dir = None if state_dir is None else claim_folder(state_dir, 'blockwise-state')
+    key = _state_key(cfg, calib, student) if state_dir is not None else None
+    done, report = _load_done(state_dir, s_blocks, key)
     t_was, s_was = teacher.training, student.training
     teacher.eval()
     xs_t, kws = layer_inputs(teacher, calib, cfg.batch_size)
@@ -156,7 +164,7 @@ def blockwise_distill(student:nn.Module, # fake-quantized student (trained in pl
         if i >= done:
             r = dict(block=i, **reconstruct_block(sb, xs_s, kws, ys_t, cfg, seed=cfg.seed * 100003 + i), seconds=time.time() - t0)
             report.append(r)
-            if state_dir is not None: _save_block(state_dir, i, sb, report)
+            if state_dir is not None: _save_block(state_dir, i, sb, report, key)
             if progress: print(f"[blockwise] block {i + 1}/{len(s_blocks)}: mse {r['mse_before']:.3g} -> {r['mse_after']:.3g} "
                                f"({r['steps']} steps, {r['seconds']:.0f} s)", file=sys.stderr, flush=True)
         with torch.no_grad(): xs_s = [_out(sb(x, **kw)) for x, kw in zip(xs_s, kws)]

@@ -27,7 +27,7 @@ from .losses import DIVERGENCES, FEATURE_LOSSES, LossSchedule, JointLoss, check_
 from .ptq import ptq
 from .blockwise import BlockwiseConfig, TRAINABLE, blockwise_distill
 from .teacher_cache import TeacherCache, weights_hash, precision_context, logits_of
-from .files import atomic_dir, atomic_write_text, check_folder, claim_folder, write_manifest, verify_manifest, remove_owned, WriteError
+from .files import atomic_dir, atomic_write_text, check_folder, claim_folder, record, write_manifest, verify_manifest, remove_owned, WriteError
 
 # %% auto #0
 __all__ = ['METHODS', 'INITS', 'MASTERS', 'LOSSES', 'CHECKPOINT_FILES', 'TrainingConfig', 'QuantizationConfig',
@@ -780,6 +780,7 @@ def save_checkpoint(self:Trainer, step:int, # steps done
             save_file(rng, str(tmp/'rng.safetensors'))
             (tmp/'trainer_state.json').write_text(json.dumps(self._trainer_state(step), indent=1))
             write_manifest(tmp)
+        record(self.output_dir, self.output_dir/'checkpoints')
         for p in list_checkpoints(self.output_dir)[:-self.cfg.training.keep_checkpoints]: remove_owned(p)
     self._barrier()
     self.last_checkpoint = final
@@ -869,6 +870,7 @@ def _start(self:Trainer, resume) -> int:
         if self.rank == 0:
             atomic_write_text(self.output_dir/'config.yaml', self.cfg.to_yaml())
             atomic_write_text(lp, ''.join(json.dumps(r) + '\n' for r in self.history))
+            record(self.output_dir, 'config.yaml', lp)    # listed in the run's marker: removing the run removes them
     self._barrier()
     return start
 
@@ -905,6 +907,7 @@ def _run_blockwise(self:Trainer):
     _check_fits(self.student, self.tokens, b.seq_len, 'blockwise.seq_len')
     calib = calibration_set(self.tokens, b.samples, b.seq_len, seed=b.seed).to(self.device)
     state = self.output_dir/'blockwise' if self.output_dir is not None else None
+    if state is not None: claim_folder(state, 'blockwise-state'); record(self.output_dir, state)
     self.blockwise_report = blockwise_distill(self.student, self.teacher, calib, b, state_dir=state, progress=self.progress and self.rank == 0)
     self.seconds['blockwise'] = time.time() - t0
 

@@ -145,6 +145,27 @@ def test_interrupted_study_keeps_whole_rows(teacher_dir, tmp_path, monkeypatch):
     assert m['rows'][:4] == rows
 
 
+def test_overwrite_after_an_interrupted_trained_row_starts_it_over(teacher_dir, tmp_path, monkeypatch):
+    "A study stopped inside a trained row, rerun with other parameters and --overwrite: its run (checkpoints) goes too, the row trains afresh."
+    import signal
+    kw = dict(teacher=str(teacher_dir), corpus='shakespeare', weights=['int3-g128'], methods=['rtn', 'kd+qat'], int8_baseline=False,
+              batch_size=4, seq_len=32, lr=1e-3, tau=2.0, out=str(tmp_path / 's'), eval_tokens=2048, eval_seq_len=32,
+              adapt_steps=0, latency_runs=1, blockwise=False, calib_samples=4, calib_seq_len=32, eval_corpora=[], tasks=[])
+    class Terminated(B.Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.callbacks.append(lambda rec: rec['step'] == 3 and os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(B, 'Trainer', Terminated)
+    with pytest.raises(RuntimeError, match='stopped at step 3'): run_study(StudyConfig(steps=8, **kw), progress=False)
+    monkeypatch.setattr(B, 'Trainer', Terminated.__mro__[1])
+    (tmp_path / 's' / 'runs' / 'my-notes.md').write_text('mine')
+    m = run_study(StudyConfig(steps=6, **kw), overwrite=True, progress=False)
+    assert [r['method'] for r in m['rows']] == ['teacher', 'rtn', 'kd+qat'] and m['params']['steps'] == 6
+    curve = (tmp_path / 's' / 'runs' / 'kdqat-int3-g128-seed0' / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(l)['step'] for l in curve] == list(range(1, 7))          # trained from step 1, not resumed from the old run
+    assert (tmp_path / 's' / 'runs' / 'my-notes.md').read_text() == 'mine'
+
+
 def test_unsupported_pairs_are_listed(teacher_dir):
     rows, skipped = B.plan_rows(StudyConfig(weights=['nvfp4'], methods=['gptq', 'awq', 'rtn']).validate())
     assert [(r['method'], r['weights']) for r in rows] == [('teacher', 'fp32'), ('rtn', 'int8'), ('rtn', 'nvfp4')]

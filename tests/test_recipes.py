@@ -142,6 +142,21 @@ def test_block_phase_resumes_exactly(teacher, tokens, tmp_path):
     assert all(torch.equal(sf[k], sr[k]) for k in sf)
 
 
+def test_block_phase_ignores_the_state_of_another_start_or_settings(teacher, tokens, tmp_path, capsys):
+    "Saved blocks serve only the phase that made them (same settings, calibration and start); others start it over."
+    calib = calibration_set(tokens, 8, 32, seed=3)
+    b, other = (BlockwiseConfig(epochs=2, lr=lr, scale_lr=1e-3, batch_size=4, trainable='weights') for lr in (1e-3, 3e-3))
+    blockwise_distill(_student(teacher), teacher, calib, b, state_dir=tmp_path/'s', progress=False)
+    marker = json.loads((tmp_path/'s'/'.kdq_bench.json').read_text())
+    assert marker['kind'] == 'blockwise-state' and 'progress.json' in marker['files'] and 'block-000.safetensors' in marker['files']
+    for start, cfg in ((_student(teacher), other), (_student(teacher, mode='frozen'), b)):   # other settings; another start
+        ref = copy.deepcopy(start); blockwise_distill(ref, teacher, calib, cfg, progress=False)
+        rep = blockwise_distill(start, teacher, calib, cfg, state_dir=tmp_path/'s', progress=True)
+        assert 'starting the phase over' in capsys.readouterr().err and [r['block'] for r in rep] == list(range(len(rep)))
+        sr, ss = ref.state_dict(), start.state_dict()
+        assert all(torch.equal(sr[k], ss[k]) for k in sr)
+
+
 def test_trainer_block_phase_then_e2e(teacher, tokens, tmp_path):
     c = cfg(**{'quantization.mode': 'learned', 'quantization.weights': 'int2-g16-asym', 'blockwise.enabled': True, 'blockwise.samples': 8,
                'blockwise.seq_len': 32, 'blockwise.epochs': 4, 'blockwise.lr': 1e-3, 'blockwise.scale_lr': 1e-3,
