@@ -115,8 +115,13 @@ class StudyConfig:
 def names(cls:StudyConfig) -> list[str]: return [f.name for f in fields(cls)]
 
 @patch(cls_method=True)
-def from_namespace(cls:StudyConfig, ns:dict) -> StudyConfig:
-    "The config from a namespace holding some of its names (a notebook's globals after the parameters cell)."
+def from_namespace(cls:StudyConfig, ns:dict, # a namespace holding some of its names (a notebook's globals after the parameters cell)
+                   before:set|None=None, # the names defined before the parameters cell: any other new name is refused
+                   extra:tuple=(), # names the notebook takes besides the fields (e.g. 'overwrite')
+                  ) -> StudyConfig:
+    "The config from a namespace; with `before`, a parameter that is not a field (papermill's `-p typo 3`) is refused."
+    if before is not None and (unknown := sorted(k for k in ns if k not in before and not k.startswith('_') and k not in cls.names() and k not in extra)):
+        raise StudyError(unknown[0], f"is not a parameter of this study; its parameters are {cls.names() + list(extra)}")
     return cls(**{k: ns[k] for k in cls.names() if k in ns}).validate()
 
 @patch
@@ -139,6 +144,11 @@ def _num(c, k, lo=0.0, hi=math.inf, open_lo=True):
 
 def _choice(c, k, allowed):
     if getattr(c, k) not in allowed: raise StudyError(k, f"must be one of {list(allowed)}, got {getattr(c, k)!r}")
+
+def _distinct(c, k):
+    "Refuse a list naming something twice (the study would run that row once and report it once: a typo, not a request)."
+    v = getattr(c, k)
+    if dup := sorted({str(x) for x in v if v.count(x) > 1}): raise StudyError(k, f"lists {dup} more than once; give each at most once")
 
 def _int_list(c, k):
     v = getattr(c, k)
@@ -222,6 +232,7 @@ def validate(self:StudyConfig) -> StudyConfig:
     self.tasks = (default_tasks(self.corpus) if self.corpus in CORPORA else []) if self.tasks == 'auto' else list(self.tasks)
     try: self.tasks and resolve_tasks(self.tasks)
     except ValueError as e: raise StudyError('tasks', str(e)) from None
+    for k in ('weights', 'methods', 'seeds', 'calib_seeds', 'eval_corpora', 'tasks', 'export'): _distinct(self, k)
     if self.device == 'cuda' and not torch.cuda.is_available(): raise StudyError('device', "'cuda' but torch sees no CUDA device")
     return self
 

@@ -120,7 +120,9 @@ def test_bad_input_fails_before_any_work(tmp_path, capsys):
                       (['--eval-tokens', '100'], '--eval-tokens: must be an integer >= 2048'), (['--weights', 'int4-gq'], 'expected one of'),
                       (['--corpus', 'klingon'], '--corpus: unknown corpus'), (['--tau', 'hot'], 'invalid _tau value'),
                       (['--embedding', 'int8-token'], '--embedding: int8-token is an activation format'),
-                      (['--embedding', 'int4-gq'], '--embedding: '), (['--dense-dtype', 'float16'], '--dense-dtype: must be one of')):
+                      (['--embedding', 'int4-gq'], '--embedding: '), (['--dense-dtype', 'float16'], '--dense-dtype: must be one of'),
+                      (['--seeds', '0,1,0'], "--seeds: lists ['0'] more than once"), (['--weights', 'int4-g128,int3-g128,int4-g128'], '--weights: lists'),
+                      (['--methods', 'rtn,kd+qat,rtn'], "--methods: lists ['rtn']")):
         assert main(['compare', '--teacher', 'embedded', '--out', str(tmp_path / 'x'), *args]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / 'x').exists()

@@ -88,11 +88,32 @@ def test_documented_commands_parse_and_validate(tmp_path):
     pm = cmds[1]
     pm[1], pm[2] = str(study_notebook()), str(tmp_path / 'x.ipynb')
     subprocess.run(pm + ['--prepare-only'], check=True, capture_output=True, cwd=tmp_path)
-    ns = {}
-    for c in nbformat.read(tmp_path / 'x.ipynb', as_version=4).cells[:3]:
-        if c.cell_type == 'code' and {'parameters', 'injected-parameters'} & set(c.metadata.get('tags', [])): exec(c.source, ns)
-    cfg = StudyConfig.from_namespace(ns)
+    cfg = _notebook_config(tmp_path / 'x.ipynb')
     assert cfg.weights == ['int3-g128'] and cfg.seeds == [0, 1] and cfg.teacher == 'embedded' and cfg.out == 'runs/x'
+
+
+def _notebook_config(path):
+    "Run a prepared study notebook's cells up to the one that builds `cfg` (no kernel: the same code in one namespace)."
+    import nbformat
+    ns = {}
+    for c in nbformat.read(path, as_version=4).cells:
+        if c.cell_type != 'code': continue
+        exec(c.source.replace('\ncfg\n', '\n').removesuffix('\ncfg'), ns)
+        if 'cfg' in ns: return ns['cfg']
+
+
+def test_papermill_refuses_a_parameter_the_study_does_not_have(tmp_path):
+    "papermill injects any `-p name value`; the notebook refuses a name that is not a study parameter before any work."
+    import subprocess
+    from kdq_bench.benchmarks import StudyError
+    from kdq_bench.cli import study_notebook
+    for p, ok in ((['-p', 'stpes', '3'], False), (['-p', 'steps', '3', '-p', 'overwrite', 'True'], True)):
+        subprocess.run(['papermill', str(study_notebook()), str(tmp_path / 'x.ipynb'), '-p', 'teacher', 'embedded', *p, '--prepare-only'],
+                       check=True, capture_output=True, cwd=tmp_path)
+        if ok: assert _notebook_config(tmp_path / 'x.ipynb').steps == 3
+        else:
+            with pytest.raises(StudyError, match=r"stpes: is not a parameter of this study; its parameters are \['teacher'"):
+                _notebook_config(tmp_path / 'x.ipynb')
 
 
 def _refused(capsys, argv, flag):
