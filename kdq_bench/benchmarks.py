@@ -583,7 +583,7 @@ def export_row(student:torch.nn.Module, # the row's fake-quantized student
             if t == 'gguf': export_gguf(m, tmp/EXPORT_FILES[t], _gguf_tokenizer(cfg, teacher), dense='bf16' if bf16 else 'f32', name=name)
             else: export_compressed_tensors(m, tmp/EXPORT_FILES[t], teacher.tokenizer, dense_dtype=torch.bfloat16 if bf16 else None)
             res[t] = dict(seconds=time.time() - t0)
-    record(out, out/'export'/name)
+    record(out, out/'export')
     return {t: dict(v, path=f"export/{name}/{EXPORT_FILES[t]}", size_bytes=_bytes(out/'export'/name/EXPORT_FILES[t])) for t, v in res.items()}
 
 # %% ../nbs/09_benchmarks.ipynb #83254994
