@@ -25,7 +25,8 @@ __all__ = ['DEFAULT_RECIPE', 'EMBEDDED_ASSET', 'SHIP_DTYPE', 'SMOLLM2_GGUF', 'KN
            'freeze', 'is_frozen', 'train_tokenizer', 'TeacherRecipe', 'seed_everything', 'train_teacher',
            'save_teacher', 'teacher_dir', 'shipped_teacher', 'ship_embedded_teacher', 'step_seconds',
            'teacher_first_use', 'embedded_teacher', 'smollm2_gguf_path', 'convert_smollm2', 'smollm2_teacher',
-           'check_teacher', 'load_teacher', 'layer_map', 'decoder_layers', 'make_student', 'check_vocab']
+           'check_teacher', 'teacher_context', 'load_teacher', 'layer_map', 'decoder_layers', 'make_student',
+           'check_vocab']
 
 # %% ../nbs/03_models.ipynb #2fa4a31b
 @dataclass
@@ -404,6 +405,16 @@ def check_teacher(name:str, # 'embedded', 'smollm2-135m', a local folder, or a �
         raise ValueError(f"unknown teacher {name!r}: known teachers are {list(KNOWN_TEACHERS)}; otherwise pass a folder written by "
                          "save_pretrained or a 🤗 model id available offline (allow_network=True downloads it)")
     return name
+
+# %% ../nbs/03_models.ipynb #0c7233e5
+def teacher_context(name:str, # a teacher `check_teacher` accepts
+                   ) -> int|None:
+    "The teacher's context length read without loading its weights; None where it is known only after loading."
+    if name == 'embedded': return DEFAULT_RECIPE.seq_len
+    f = (teacher_dir(name) if name in KNOWN_TEACHERS else Path(name).expanduser())/'config.json'
+    try: n = json.loads(f.read_text()).get('max_position_embeddings') if f.is_file() else None
+    except (OSError, ValueError): return None      # check_teacher reports an unreadable config
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 # %% ../nbs/03_models.ipynb #a594afde
 def load_teacher(name:str='embedded', # 'embedded', 'smollm2-135m', a local folder, or a 🤗 model id

@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from safetensors.torch import save_file, load_file
 from .quantizers import QuantSpec, QUANTIZER_MODES, quantize_model, set_quant_enabled, set_quantizer_mode, fake_quant_layers
 from .data import tokenize_split, num_windows, window_ids, windows, calibration_set, check_corpus, cache_dir
-from .models import Teacher, load_teacher, make_student, freeze, check_vocab, seed_everything, check_teacher
+from .models import Teacher, load_teacher, make_student, freeze, check_vocab, seed_everything, check_teacher, teacher_context
 from .evaluate import perplexity
 from .hooks import FeatureCapture, build_projectors, layer_pairs
 from .losses import DIVERGENCES, FEATURE_LOSSES, LossSchedule, JointLoss, check_soft_targets, choose_temperature
@@ -1053,6 +1053,9 @@ def _cli_config(a) -> tuple[TrainConfig, dict]:
     for k, check in (('teacher', check_teacher), ('corpus', check_corpus)):
         try: check(getattr(cfg.training, k))
         except ValueError as e: raise ValueError(f"training.{k}: {e}") from None
+    ctx = teacher_context(cfg.training.teacher)
+    for what, n in (('training.seq_len', cfg.training.seq_len), ('blockwise.seq_len', cfg.blockwise.seq_len if cfg.blockwise.enabled else 0)):
+        if ctx is not None and n > ctx: raise ValueError(f"{what} of {n} tokens is longer than the model's context of {ctx} tokens; use at most {ctx}")
     return cfg, raw
 
 # %% ../nbs/08_trainer.ipynb #80d6485c

@@ -150,9 +150,13 @@ def test_bad_inputs_are_one_line_before_any_model_loads(tmp_path, capsys, monkey
     assert f.read_text() == 'mine' and not (tmp_path/'o').exists() and not (tmp_path/'r').exists()
 
 
-def test_train_config_errors_after_the_checks_are_one_line(tmp_path, capsys, teacher_dir):
-    "Errors found while the run is set up (a window beyond the context, an activation format as weights) are one line too."
-    for extra, msg in (("seq_len: 100000", "longer than the model's context"), ("seq_len: 16}\nquantization: {weights: int8-token", 'per token')):
+def test_train_config_errors_after_the_checks_are_one_line(tmp_path, capsys, teacher_dir, monkeypatch):
+    "A window beyond the context and an activation format as weights: one line, code 2, before the teacher loads."
+    import kdq_bench.models as M
+    monkeypatch.setattr(M, '_load_dir', lambda *a, **k: pytest.fail('a model was loaded'))
+    for extra, msg in (("seq_len: 100000", "training.seq_len of 100000 tokens is longer than the model's context"),
+                       ("seq_len: 16}\nblockwise: {enabled: true, seq_len: 5000", "blockwise.seq_len of 5000 tokens"),
+                       ("seq_len: 16}\nquantization: {weights: int8-token", 'per token')):
         cfg = tmp_path/'c.yaml'; cfg.write_text(f"training: {{teacher: '{teacher_dir}', steps: 2, batch_size: 2, output_dir: '{tmp_path/'r'}', {extra}}}")
         with pytest.raises(SystemExit) as e: main(['train', '--config', str(cfg), '--no-progress'])
         err = capsys.readouterr().err.strip()
