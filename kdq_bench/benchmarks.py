@@ -186,7 +186,7 @@ def _check_export(export, weights:list) -> list[str]:
     v = [] if export is None else [export] if isinstance(export, str) else export
     if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
         raise StudyError('export', f"must be a list of deploy targets among {list(DEPLOY_TARGETS)}, got {export!r}")
-    ts = list(dict.fromkeys(t.strip() for x in v for t in x.split(',') if t.strip()))
+    ts = [t.strip() for x in v for t in x.split(',') if t.strip()]    # repeats are refused by validate, as in every list
     if bad := [t for t in ts if t not in DEPLOY_TARGETS]: raise StudyError('export', f"unknown deploy target(s) {bad}; expected some of {list(DEPLOY_TARGETS)}")
     for t in ts:
         for w in weights:

@@ -122,7 +122,8 @@ def test_bad_input_fails_before_any_work(tmp_path, capsys):
                       (['--embedding', 'int8-token'], '--embedding: int8-token is an activation format'),
                       (['--embedding', 'int4-gq'], '--embedding: '), (['--dense-dtype', 'float16'], '--dense-dtype: must be one of'),
                       (['--seeds', '0,1,0'], "--seeds: lists ['0'] more than once"), (['--weights', 'int4-g128,int3-g128,int4-g128'], '--weights: lists'),
-                      (['--methods', 'rtn,kd+qat,rtn'], "--methods: lists ['rtn']")):
+                      (['--methods', 'rtn,kd+qat,rtn'], "--methods: lists ['rtn']"),
+                      (['--weights', 'gguf-q4_0', '--export', 'gguf,gguf'], "--export: lists ['gguf'] more than once")):
         assert main(['compare', '--teacher', 'embedded', '--out', str(tmp_path / 'x'), *args]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / 'x').exists()
