@@ -67,7 +67,7 @@ class StudyConfig:
     embedding: str|None = None        # weight format of every artifact's input embedding (and a tied lm_head), e.g. 'int8' or 'int4-g32'; None: dense
     export: list = field(default_factory=list)  # deploy targets every quantized row's student is also written in, exactly: 'gguf' (llama.cpp), 'compressed-tensors' (vLLM, transformers)
     # the trained rows' recipe (QAT-only and KD+QAT share all of it but the loss)
-    init: str = 'gptq'                # the trained rows' start: 'rtn', 'gptq' or 'awq'
+    init: str = 'awq'                 # the trained rows' start: 'rtn', 'gptq' or 'awq'
     masters: str = 'unrounded'        # their master weights: the PTQ method's weights before rounding, or on the 'grid'
     mode: str = 'learned'             # how their grid moves: 'dynamic', 'frozen' or 'learned' (LSQ scales from the PTQ grid)
     blockwise: bool = True            # reconstruct block by block against the teacher before the end-to-end phase
@@ -194,6 +194,12 @@ def _check_export(export, weights:list) -> list[str]:
             except ValueError as e: raise StudyError('export', f"{t} cannot hold the weight format {w} exactly: {e}") from None
     return ts
 
+# %% ../nbs/09_benchmarks.ipynb #a7c3e1f2
+SUPPORTED = dict(gptq='integer formats (int*) and GGUF blocks', awq='integer formats (int*)')
+
+def _supports(method:str, spec:QuantSpec) -> bool:
+    return method == 'rtn' or (method == 'gptq' and spec.kind in ('int', 'gguf')) or (method == 'awq' and spec.kind == 'int')
+
 # %% ../nbs/09_benchmarks.ipynb #d0620fff
 @patch
 def validate(self:StudyConfig) -> StudyConfig:
@@ -233,15 +239,13 @@ def validate(self:StudyConfig) -> StudyConfig:
     try: self.tasks and resolve_tasks(self.tasks)
     except ValueError as e: raise StudyError('tasks', str(e)) from None
     for k in ('weights', 'methods', 'seeds', 'calib_seeds', 'eval_corpora', 'tasks', 'export'): _distinct(self, k)
+    if {'qat', 'kd+qat'} & set(self.methods) and (bad := [w for w in self.weights if not _supports(self.init, QuantSpec.parse(w))]):
+        raise StudyError('init', f"{self.init!r} cannot start the trained rows at {bad}: {self.init.upper()} supports {SUPPORTED[self.init]} only; "
+                                 "choose another init ('rtn' starts any format)")
     if self.device == 'cuda' and not torch.cuda.is_available(): raise StudyError('device', "'cuda' but torch sees no CUDA device")
     return self
 
 # %% ../nbs/09_benchmarks.ipynb #1319ed2b
-SUPPORTED = dict(gptq='integer formats (int*) and GGUF blocks', awq='integer formats (int*)')
-
-def _supports(method:str, spec:QuantSpec) -> bool:
-    return method == 'rtn' or (method == 'gptq' and spec.kind in ('int', 'gguf')) or (method == 'awq' and spec.kind == 'int')
-
 def plan_rows(cfg:StudyConfig) -> tuple[list[dict], list[str]]:
     "The rows a study runs, in order, and the (method, format) pairs skipped with the reason."
     row = lambda m, w, seed=None, calib_seed=None, acts=None: dict(method=m, weights=w, acts=acts, seed=seed, calib_seed=calib_seed)

@@ -78,7 +78,8 @@ def add_study_options(p:argparse.ArgumentParser, # the `compare` or `ptq` sub-pa
 
 # %% ../nbs/11_cli.ipynb #93308c03
 EMBEDDED_STUDY = dict(weights=['int3-g128', 'int2-g64'], steps=100, batch_size=8, lr=1e-4, scale_lr=1e-3, eval_seq_len=128,
-                      calib_seq_len=128, blockwise_seq_len=128)
+                      calib_seq_len=128, blockwise_seq_len=128,
+                      init='gptq')   # the start its ablation and deploy tables were measured with (GGUF blocks need GPTQ or RTN)
 
 def study_defaults(command:str, # 'compare' or 'ptq'
                    teacher:str, # teacher name or path

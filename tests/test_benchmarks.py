@@ -123,7 +123,8 @@ def test_bad_input_fails_before_any_work(tmp_path, capsys):
                       (['--embedding', 'int4-gq'], '--embedding: '), (['--dense-dtype', 'float16'], '--dense-dtype: must be one of'),
                       (['--seeds', '0,1,0'], "--seeds: lists ['0'] more than once"), (['--weights', 'int4-g128,int3-g128,int4-g128'], '--weights: lists'),
                       (['--methods', 'rtn,kd+qat,rtn'], "--methods: lists ['rtn']"),
-                      (['--weights', 'gguf-q4_0', '--export', 'gguf,gguf'], "--export: lists ['gguf'] more than once")):
+                      (['--weights', 'gguf-q4_0', '--export', 'gguf,gguf'], "--export: lists ['gguf'] more than once"),
+                      (['--weights', 'gguf-q4_0', '--init', 'awq'], "--init: 'awq' cannot start the trained rows at ['gguf-q4_0']")):
         assert main(['compare', '--teacher', 'embedded', '--out', str(tmp_path / 'x'), *args]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / 'x').exists()

@@ -17,7 +17,7 @@ from kdq_bench.files import MARKER
 from kdq_bench.sweeps import coerce_param
 from kdq_bench.testing import random_tokens
 
-STUDY = dict(corpus='shakespeare', weights=['gguf-q4_0'], methods=['rtn', 'kd+qat'], export=['gguf', 'compressed-tensors'],
+STUDY = dict(corpus='shakespeare', weights=['gguf-q4_0'], init='gptq', methods=['rtn', 'kd+qat'], export=['gguf', 'compressed-tensors'],
              embedding='int8', steps=4, batch_size=2, seq_len=32, lr=1e-3, scale_lr=1e-3, tau=2.0, eval_tokens=2048, eval_seq_len=32,
              calib_samples=4, calib_seq_len=32, blockwise_samples=2, blockwise_seq_len=32, adapt_steps=0, latency_runs=1,
              eval_corpora=[], tasks=[], threads=1)
@@ -118,9 +118,9 @@ def test_resume_does_not_redo_exports(study, tiny_teacher):
 
 def test_export_option_parsing():
     "Comma-separated strings (the CLI, a sweep file's scalar) become the list of targets; without exports the parameters are unchanged."
-    c = StudyConfig(weights='gguf-q4_0', export=coerce_param('export', 'gguf,compressed-tensors', [])).validate()
+    c = StudyConfig(weights='gguf-q4_0', init='gptq', export=coerce_param('export', 'gguf,compressed-tensors', [])).validate()
     assert c.export == ['gguf', 'compressed-tensors'] and c.study_params()['export'] == ['gguf', 'compressed-tensors']
-    assert 'export' not in StudyConfig(weights='gguf-q4_0').validate().study_params()
+    assert 'export' not in StudyConfig(weights='gguf-q4_0', init='gptq').validate().study_params()
 
 
 def test_refused_before_any_work(tmp_path, capsys):
