@@ -23,7 +23,7 @@ from .files import (claim_folder, check_folder, remove_owned, record, atomic_dir
 from .export import pack_qtensor, save_quantized, load_quantized, round_dense, input_embedding
 from .data import tokenize_split, calibration_set, cache_dir, CORPORA, load_documents, check_corpus
 from .models import Teacher, load_teacher, make_student, freeze, smollm2_gguf_path, KNOWN_TEACHERS, check_teacher
-from .evaluate import perplexity, fidelity, model_size_bytes, latency
+from .evaluate import perplexity, fidelity, teacher_logits, window_plan, model_size_bytes, latency
 from .downstream import default_tasks, resolve_tasks, evaluate_tasks, study_columns
 from .ptq import ptq, PTQ_METHODS
 from .teacher_cache import weights_hash
@@ -33,13 +33,14 @@ from .blockwise import TRAINABLE, BlockwiseConfig, blockwise_distill
 from .deploy import DEPLOY_TARGETS, ggml_type, ct_args, check_deployable, export_gguf, export_compressed_tensors
 
 # %% auto #0
-__all__ = ['TRAINED_METHODS', 'STUDY_METHODS', 'MIN_EVAL_TOKENS', 'SUPPORTED', 'DATA_RANGES', 'EXPORTED_METHODS', 'EXPORT_FILES',
-           'METHOD_ORDER', 'METHOD_LABELS', 'EXPORT_COLUMNS', 'CURVE_KEYS', 'StudyError', 'StudyConfig',
-           'check_packable', 'plan_rows', 'row_key', 'row_name', 'data_range', 'adapt_teacher', 'EvalSet', 'eval_set',
-           'task_shape', 'evaluate_row', 'decode_ratio', 'artifact_metrics', 'check_study_folder', 'StudyLog',
-           'ptq_student', 'trained_start', 'train_config', 'trained_row', 'exports_row', 'check_export',
-           'deploy_student', 'export_row', 'fit_context', 'run_study', 'summary', 'markdown_table', 'read_curves',
-           'static_bundle', 'show_static', 'perplexity_figure', 'curves_figure', 'write_report']
+__all__ = ['TRAINED_METHODS', 'STUDY_METHODS', 'MIN_EVAL_TOKENS', 'SUPPORTED', 'DATA_RANGES', 'KEEP_TEACHER_BYTES',
+           'EXPORTED_METHODS', 'EXPORT_FILES', 'METHOD_ORDER', 'METHOD_LABELS', 'EXPORT_COLUMNS', 'CURVE_KEYS',
+           'StudyError', 'StudyConfig', 'check_packable', 'plan_rows', 'row_key', 'row_name', 'data_range',
+           'adapt_teacher', 'EvalSet', 'eval_set', 'task_shape', 'kept_teacher_logits', 'evaluate_row', 'decode_ratio',
+           'artifact_metrics', 'check_study_folder', 'StudyLog', 'ptq_student', 'trained_start', 'train_config',
+           'trained_row', 'exports_row', 'check_export', 'deploy_student', 'export_row', 'fit_context', 'run_study',
+           'summary', 'markdown_table', 'read_curves', 'static_bundle', 'show_static', 'perplexity_figure',
+           'curves_figure', 'write_report']
 
 # %% ../nbs/09_benchmarks.ipynb #089458e3
 TRAINED_METHODS = ('fp-control', 'qat', 'kd+qat')
@@ -352,6 +353,7 @@ class EvalSet:
     tokenizer: object = None          # the teacher's tokenizer (downstream tasks)
     tasks: list = field(default_factory=list)  # downstream tasks
     task_examples: int = 100          # examples per offline task
+    kept: dict = field(default_factory=dict, repr=False)  # what `evaluate_row` keeps between rows (the teacher's test logits)
 
 # %% ../nbs/09_benchmarks.ipynb #03f6a317
 def eval_set(cfg:StudyConfig, teacher:Teacher) -> EvalSet:
@@ -371,13 +373,25 @@ def task_shape(seq_len:int) -> dict:
     "Passage sizes of the offline tasks: the harness's defaults for models with a real context, short ones for toy models."
     return dict(context_words=(30, 75), continuation_words=12) if seq_len >= 256 else dict(context_words=(8, 20), continuation_words=4)
 
+# %% ../nbs/09_benchmarks.ipynb #590f5139
+KEEP_TEACHER_BYTES = 2**31     # the most memory the kept teacher logits may take (SmolLM2 at the default eval_tokens: 1.6 GB)
+
+def kept_teacher_logits(ev:EvalSet, teacher:torch.nn.Module) -> list|None:
+    "The teacher's logits on the study's test text, computed once and kept in `ev` for every later row; None (run it each row) if too big."
+    if ev.kept.get('teacher') is teacher: return ev.kept['logits']
+    windows = len(window_plan(min(len(ev.test), ev.tokens), ev.seq_len, ev.seq_len))
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    if windows * (ev.seq_len - 1) * vocab * 4 > KEEP_TEACHER_BYTES: return None
+    ev.kept.update(teacher=teacher, logits=teacher_logits(teacher, ev.test, seq_len=ev.seq_len, max_tokens=ev.tokens))
+    return ev.kept['logits']
+
 # %% ../nbs/09_benchmarks.ipynb #ddb8fdc0
 def evaluate_row(model:torch.nn.Module, # the row's model (an artifact loaded back, or the FP teacher)
                  ev:EvalSet, # what to score it on
                  teacher:torch.nn.Module, # the FP teacher (fidelity reference)
                 ) -> dict:
     "Perplexity and fidelity to the teacher on the study's test text, perplexity on every other test text, downstream accuracy."
-    f = fidelity(model, teacher, ev.test, seq_len=ev.seq_len, max_tokens=ev.tokens)   # perplexity and fidelity from one student pass
+    f = fidelity(model, teacher, ev.test, seq_len=ev.seq_len, max_tokens=ev.tokens, teacher_out=kept_teacher_logits(ev, teacher))
     other = {c: perplexity(model, t, seq_len=ev.seq_len, max_tokens=ev.other_tokens, progress=False).ppl for c, t in ev.others.items()}
     tasks = {} if not ev.tasks else study_columns(evaluate_tasks(model, ev.tokenizer, ev.tasks, n=ev.task_examples, **task_shape(ev.seq_len)))
     return dict(ppl=math.exp(f.nll), nll=f.nll, eval_tokens=f.n_tokens, kl=f.kl, top1=f.top1, other_ppl=other, tasks=tasks)

@@ -18,8 +18,8 @@ from safetensors.torch import save_model
 from .data import load_documents
 
 # %% auto #0
-__all__ = ['window_plan', 'PerplexityResult', 'perplexity', 'FidelityResult', 'fidelity', 'start_token_id', 'evaluate_text',
-           'evaluate_split', 'model_size_bytes', 'LatencyResult', 'greedy_decode', 'latency']
+__all__ = ['window_plan', 'PerplexityResult', 'perplexity', 'FidelityResult', 'fidelity', 'teacher_logits', 'start_token_id',
+           'evaluate_text', 'evaluate_split', 'model_size_bytes', 'LatencyResult', 'greedy_decode', 'latency']
 
 # %% ../nbs/04_evaluate.ipynb #3eb03e96
 def window_plan(n:int, # number of tokens in the stream
@@ -136,6 +136,7 @@ def fidelity(student:nn.Module, # the model measured
              seq_len:int=512, # window length (non-overlapping windows, as `perplexity` with stride = seq_len)
              batch_size:int=4, # windows per forward pass
              max_tokens:int|None=None, # evaluate only the first `max_tokens` tokens
+             teacher_out:list|None=None, # the teacher's logits on these batches (`teacher_logits`), instead of running it
             ) -> FidelityResult:
     "Mean KL(teacher ‖ student) per token, top-1 agreement and the student's NLL, on the windows `perplexity` scores."
     t = _as_tokens(tokens)[:max_tokens] if max_tokens is not None else _as_tokens(tokens)
@@ -145,7 +146,9 @@ def fidelity(student:nn.Module, # the model measured
         for i in range(0, len(plan), batch_size):
             chunk = plan[i:i+batch_size]
             x = torch.stack([t[b:b+seq_len] for b, _ in chunk]).to(_device(student))
-            zs, zt = _logits(student, x)[:, :-1].float(), _logits(teacher, x.to(_device(teacher)))[:, :-1].float().to(x.device)
+            zt = _logits(teacher, x.to(_device(teacher)))[:, :-1].float() if teacher_out is None else teacher_out[i // batch_size]
+            zt = zt.to(x.device)
+            zs = zt if student is teacher else _logits(student, x)[:, :-1].float()   # the teacher's own row: one pass
             mask = torch.stack([pos >= first - b for b, first in chunk]).to(x.device)   # each token scored once, as in `perplexity`
             lt, ls = F.log_softmax(zt, -1), F.log_softmax(zs, -1)
             kl += float((lt.exp() * (lt - ls)).sum(-1).double()[mask].sum())
@@ -153,6 +156,18 @@ def fidelity(student:nn.Module, # the model measured
             nll = F.cross_entropy(zs.reshape(-1, zs.shape[-1]), x[:, 1:].reshape(-1), reduction='none').view(len(chunk), -1)
             total += nll.double()[mask].sum().item()    # as `perplexity` sums it: one student pass gives both
     return FidelityResult(kl / n, agree / n, n, seq_len, total / n)
+
+# %% ../nbs/04_evaluate.ipynb #9a69488b
+def teacher_logits(teacher:nn.Module, # the reference model
+                   tokens, # 1-D token ids
+                   seq_len:int=512, batch_size:int=4, max_tokens:int|None=None, # as `fidelity`'s
+                  ) -> list[torch.Tensor]:
+    "The teacher's float32 logits (last position dropped) on each batch `fidelity` scores: its `teacher_out`."
+    t = _as_tokens(tokens)[:max_tokens] if max_tokens is not None else _as_tokens(tokens)
+    plan = window_plan(len(t), seq_len, seq_len)
+    with torch.inference_mode():
+        return [_logits(teacher, torch.stack([t[b:b+seq_len] for b, _ in plan[i:i+batch_size]]).to(_device(teacher)))[:, :-1].float()
+                for i in range(0, len(plan), batch_size)]
 
 # %% ../nbs/04_evaluate.ipynb #86e94e45
 def start_token_id(tokenizer) -> int|None:
