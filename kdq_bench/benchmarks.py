@@ -38,9 +38,9 @@ __all__ = ['TRAINED_METHODS', 'STUDY_METHODS', 'MIN_EVAL_TOKENS', 'SUPPORTED', '
            'StudyError', 'StudyConfig', 'check_packable', 'plan_rows', 'row_key', 'row_name', 'data_range',
            'adapt_teacher', 'EvalSet', 'eval_set', 'task_shape', 'kept_teacher_logits', 'evaluate_row', 'decode_ratio',
            'artifact_metrics', 'check_study_folder', 'StudyLog', 'ptq_student', 'trained_start', 'train_config',
-           'trained_row', 'exports_row', 'check_export', 'deploy_student', 'export_row', 'fit_context', 'run_study',
-           'summary', 'markdown_table', 'read_curves', 'static_bundle', 'show_static', 'perplexity_figure',
-           'curves_figure', 'write_report']
+           'trained_row', 'curve_point0', 'held_out_curve', 'exports_row', 'check_export', 'deploy_student',
+           'export_row', 'fit_context', 'run_study', 'summary', 'markdown_table', 'read_curves', 'static_bundle',
+           'show_static', 'perplexity_figure', 'curves_figure', 'held_out_figure', 'write_report']
 
 # %% ../nbs/09_benchmarks.ipynb #089458e3
 TRAINED_METHODS = ('fp-control', 'qat', 'kd+qat')
@@ -105,6 +105,8 @@ class StudyConfig:
     other_eval_tokens: int = 2048     # test tokens scored per other corpus
     tasks: list|str = 'auto'          # downstream tasks every row is scored on ('auto': the study corpus's offline cloze and choice; []: none)
     task_examples: int = 50           # examples per offline task (one model's standard error about ±7 points at 50% accuracy)
+    curve_every: int = 0              # steps between the trained rows' perplexity on the corpus's validation split (0: no curve; its start is point 0)
+    curve_tokens: int = 4096          # validation tokens per point of that curve
     latency_runs: int = 3             # timed decoding runs per artifact (median reported)
     # where and how
     device: str = 'cpu'               # 'cpu', 'cuda' or 'auto'
@@ -131,6 +133,7 @@ def study_params(self:StudyConfig) -> dict:
     d = asdict(self)
     for k in ('out', 'threads', 'device', 'latency_runs'): d.pop(k)
     if not d['export']: d.pop('export')    # a study without exports has the parameters it had before the option existed
+    if not d['curve_every']: d.pop('curve_every'); d.pop('curve_tokens')    # likewise without a curve
     return d
 
 # %% ../nbs/09_benchmarks.ipynb #e14c169e
@@ -235,7 +238,7 @@ def validate(self:StudyConfig) -> StudyConfig:
     for c in self.eval_corpora:
         try: _check_corpus(c)
         except ValueError as e: raise StudyError('eval_corpora', str(e)) from None
-    _int(self, 'task_examples'); _int(self, 'other_eval_tokens', lo=256)
+    _int(self, 'task_examples'); _int(self, 'other_eval_tokens', lo=256); _int(self, 'curve_every', lo=0); _int(self, 'curve_tokens', lo=256)
     self.tasks = (default_tasks(self.corpus) if self.corpus in CORPORA else []) if self.tasks == 'auto' else list(self.tasks)
     try: self.tasks and resolve_tasks(self.tasks)
     except ValueError as e: raise StudyError('tasks', str(e)) from None
@@ -526,6 +529,7 @@ def train_config(cfg:StudyConfig, method:str, weights:str, seed:int, run_dir:Pat
     return TrainConfig.from_dict({
         'training': dict(method=method, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed, device=cfg.device,
                          corpus=cfg.corpus, output_dir=None if run_dir is None else str(run_dir), keep_checkpoints=1,
+                         eval_every=cfg.curve_every, eval_tokens=cfg.curve_tokens,
                          checkpoint_every=max(10, cfg.steps // 4)),
         'quantization': dict(weights=weights, mode=cfg.mode) if quantized else {},
         'distillation': dict(loss=cfg.loss if method == 'kd+qat' else 'joint', temperature=cfg.tau, joint=[cfg.lam, cfg.gamma]),
@@ -548,6 +552,21 @@ def trained_row(cfg:StudyConfig, teacher:Teacher, r:dict, train_tokens, run_dir:
         raise RuntimeError(f"training of {row_name(r)} stopped at step {res.step} of {tc.training.steps} (SIGTERM); "
                            "run the study again to resume it from its checkpoint")
     return res, secs
+
+# %% ../nbs/09_benchmarks.ipynb #7913e13c
+def curve_point0(cfg:StudyConfig, teacher:Teacher, start:torch.nn.Module|None) -> float:
+    "A trained row's curve at step 0: its start's validation perplexity, scored as the trainer scores it (the FP control starts from the teacher)."
+    val = tokenize_split(cfg.corpus, 'validation', teacher.tokenizer)
+    return perplexity(start if start is not None else teacher.model, val, seq_len=cfg.seq_len, max_tokens=cfg.curve_tokens, progress=False).ppl
+
+def held_out_curve(records:list[dict], # the trainer's metrics.jsonl records (a resumed run may repeat steps)
+                   point0:float, # `curve_point0`
+                   tokens0:int, # tokens the row had seen before its first step (PTQ calibration, block-wise phase)
+                   tokens_per_step:int,
+                  ) -> list[dict]:
+    "Validation perplexity against tokens seen: step 0, then every step the trainer scored (the last record of a repeated step)."
+    scored = {r['step']: r['val_ppl'] for r in records if 'val_ppl' in r}
+    return [dict(step=s, tokens=tokens0 + s * tokens_per_step, ppl=v) for s, v in sorted({0: point0, **scored}.items())]
 
 # %% ../nbs/09_benchmarks.ipynb #721f5bcc
 EXPORTED_METHODS = ('rtn', 'gptq', 'awq', 'qat', 'kd+qat')
@@ -652,11 +671,14 @@ def _trained(s:_Study, r:dict) -> dict:
         trained_start(cfg, s.teacher, r['weights'], r['seed'], s.calib_tokens, s.train_tokens, s.out, s.progress)
     run_dir = s.out/'runs'/name
     run_dir.mkdir(parents=True, exist_ok=True); record(s.out, s.out/'runs')   # the study's from the start: --overwrite removes an interrupted run too
+    point0 = curve_point0(cfg, s.teacher, start) if cfg.curve_every else None
     res, secs = trained_row(cfg, s.teacher, r, s.train_tokens, run_dir, start, s.progress)
     row = dict(seconds=sinfo['seconds'] + secs, tokens=sinfo['tokens'] + res.step * cfg.batch_size * cfg.seq_len,
                start=sinfo if start is not None else None, train_seconds=secs, curves=str((run_dir/'metrics.jsonl').relative_to(s.out)),
                soft_targets=res.soft_targets, loss=train_config(cfg, r['method'], r['weights'], r['seed'], None).distillation.loss,
                teacher_hash_unchanged=res.teacher_hash is None or weights_hash(s.teacher.model) == res.teacher_hash)
+    if point0 is not None:
+        row['val_curve'] = held_out_curve(read_curves(s.out, row), point0, sinfo['tokens'], cfg.batch_size * cfg.seq_len)
     if r['method'] == 'fp-control': row.update(evaluate_row(res.student, s.ev, s.teacher.model), size_bytes=s.fp_size, decode_ms=None, decode_ratio=None)
     else:
         save_quantized(res.student.to('cpu'), s.out/name, dense_dtype=cfg.dense_dtype, embedding=cfg.embedding); record(s.out, s.out/name)
@@ -878,6 +900,17 @@ def curves_figure(metrics:dict, out:Path) -> go.Figure:
     fig.update_layout(title='Training curves of every trained row (dotted: L_quant, λ; dashed: γ)', height=650)
     return fig
 
+# %% ../nbs/09_benchmarks.ipynb #6262be6e
+def held_out_figure(metrics:dict) -> go.Figure:
+    "Validation perplexity against tokens seen (calibration and block-wise phase included) for every trained row with a `val_curve`."
+    fig = go.Figure()
+    for r in (r for r in metrics['rows'] if r.get('val_curve')):
+        c = r['val_curve']
+        fig.add_scatter(x=[p['tokens'] for p in c], y=[p['ppl'] for p in c], mode='lines+markers', name=row_name(r))
+    fig.update_layout(title='Perplexity on the validation split (held out) against tokens seen', xaxis_title='tokens seen',
+                      yaxis_title='validation perplexity', yaxis_type='log', height=450)
+    return fig
+
 # %% ../nbs/09_benchmarks.ipynb #7919726b
 def write_report(out:str|Path, # a study folder (holding metrics.json)
                 ) -> dict:
@@ -885,7 +918,8 @@ def write_report(out:str|Path, # a study folder (holding metrics.json)
     out = Path(out)
     metrics = json.loads((out/'metrics.json').read_text())
     table = markdown_table(metrics)
-    figs = [perplexity_figure(metrics)] + ([curves_figure(metrics, out)] if any(r.get('curves') for r in metrics['rows']) else [])
+    figs = [perplexity_figure(metrics)] + ([curves_figure(metrics, out)] if any(r.get('curves') for r in metrics['rows']) else []) + \
+           ([held_out_figure(metrics)] if any(r.get('val_curve') for r in metrics['rows']) else [])
     body = ''.join(f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs))
     dump = lambda o: html.escape(json.dumps(o, indent=1))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>kdq_bench study: {out.name}</title></head><body>"
