@@ -124,7 +124,8 @@ def test_bad_input_fails_before_any_work(tmp_path, capsys):
                       (['--seeds', '0,1,0'], "--seeds: lists ['0'] more than once"), (['--weights', 'int4-g128,int3-g128,int4-g128'], '--weights: lists'),
                       (['--methods', 'rtn,kd+qat,rtn'], "--methods: lists ['rtn']"),
                       (['--weights', 'gguf-q4_0', '--export', 'gguf,gguf'], "--export: lists ['gguf'] more than once"),
-                      (['--weights', 'gguf-q4_0', '--init', 'awq'], "--init: 'awq' cannot start the trained rows at ['gguf-q4_0']")):
+                      (['--weights', 'gguf-q4_0', '--init', 'awq'], "--init: 'awq' cannot start the trained rows at ['gguf-q4_0']"),
+                      (['--curve-every', '-1'], '--curve-every: must be an integer >= 0'), (['--curve-tokens', '64'], '--curve-tokens: must be an integer >= 256')):
         assert main(['compare', '--teacher', 'embedded', '--out', str(tmp_path / 'x'), *args]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / 'x').exists()
