@@ -78,7 +78,7 @@ class StudyConfig:
     blockwise_lr: float = 1e-5        # block-wise learning rate of the weights
     blockwise_scale_lr: float = 1e-4  # block-wise learning rate of the learned scales
     loss: str = 'teacher'             # KD+QAT's end-to-end loss: 'teacher' (its distribution only) or 'joint' (task + λ·distill + γ·quant)
-    tau: float|str = 'auto'           # distillation temperature, or 'auto' (the highest the soft-target check passes)
+    tau: float|str = 1.0              # distillation temperature (1: LLM-QAT's, BitDistiller's, ModelOpt QAD's), or 'auto' (the highest the soft-target check passes)
     lam: float = 0.5                  # λ of the joint loss's joint phase
     gamma: float = 0.3                # γ of the joint loss's joint phase
     steps: int = 40                   # end-to-end optimizer steps of every trained row

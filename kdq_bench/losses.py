@@ -18,10 +18,10 @@ from .quantizers import fake_quant_layers
 from .hooks import pair_key
 
 # %% auto #0
-__all__ = ['DIVERGENCES', 'FEATURE_LOSSES', 'PHASES', 'auto_chunk', 'row_losses', 'tail_logsumexp', 'TopKLogits',
-           'teacher_confidence', 'distill_loss', 'shift_targets', 'causal_lm_loss', 'feature_loss', 'layer_quant_error',
-           'quant_penalty', 'QuantPenaltyHooks', 'soft_target_entropy', 'check_soft_targets', 'entropy_sweep',
-           'choose_temperature', 'LossSchedule', 'JointLoss']
+__all__ = ['DIVERGENCES', 'cross_entropy_rows', 'FEATURE_LOSSES', 'PHASES', 'auto_chunk', 'ClosedFormLoss', 'row_losses',
+           'tail_logsumexp', 'TopKLogits', 'teacher_confidence', 'distill_loss', 'shift_targets', 'causal_lm_loss',
+           'feature_loss', 'layer_quant_error', 'quant_penalty', 'QuantPenaltyHooks', 'soft_target_entropy',
+           'check_soft_targets', 'entropy_sweep', 'choose_temperature', 'LossSchedule', 'JointLoss']
 
 # %% ../nbs/06_losses.ipynb #eccb819e
 def _compute_dtype(t:torch.Tensor) -> torch.dtype:
@@ -42,6 +42,19 @@ def _row_chunks(valid:torch.Tensor, chunk:int):
     return [rows[i:i + chunk] for i in range(0, rows.numel(), chunk)]
 
 # %% ../nbs/06_losses.ipynb #a2cf984d
+def _autograd_rows(fn, x, rest, weights):
+    "Per-row losses of `fn` (detached) and the gradient of their (weighted) sum wrt the rows `x`, by a local autograd call."
+    with torch.enable_grad():
+        x = x.requires_grad_()
+        l = fn(x, *rest)
+        g, = torch.autograd.grad((l if weights is None else l @ weights.to(l)).sum(), x)
+    return l.detach(), g
+
+class ClosedFormLoss:
+    "A row loss `fn` with its gradient in closed form: `value_and_grad(x, *others, weights=None)` -> (losses, d Σ(losses[@weights]) / dx)."
+    def __init__(self, fn, value_and_grad): self.fn, self.value_and_grad = fn, value_and_grad
+    def __call__(self, *args): return self.fn(*args)
+
 class _RowLoss(torch.autograd.Function):
     "Per-row losses of fn over valid rows; the gradient wrt the student rows is computed chunk by chunk in forward."
     @staticmethod
@@ -51,15 +64,14 @@ class _RowLoss(torch.autograd.Function):
         out = torch.zeros(s.shape[0], dtype=dt, device=s.device)
         parts = None if weights is None else torch.zeros(s.shape[0], len(weights), dtype=dt, device=s.device)
         grad = torch.zeros_like(s0)
+        closed = getattr(fn, 'value_and_grad', None)
         for r in _row_chunks(valid, chunk):
-            with torch.enable_grad():
-                x = s0[r].to(dt).requires_grad_()
-                l = fn(x, *[None if o is None else o[r] for o in others])
-                if weights is not None:
-                    parts[r] = l.detach()
-                    l = l @ weights.to(l)
-                g, = torch.autograd.grad(l.sum(), x)
-            out[r] = l.detach()
+            x, rest = s0[r].to(dt), [None if o is None else o[r] for o in others]
+            l, g = closed(x, *rest, weights=weights) if closed is not None else _autograd_rows(fn, x, rest, weights)
+            if weights is not None:
+                parts[r] = l
+                l = l @ weights.to(l)
+            out[r] = l
             grad[r] = g.to(grad.dtype)
         ctx.save_for_backward(grad)
         if parts is None: return out
@@ -153,8 +165,23 @@ def _js_rows(ls, lt):
     return 0.5 * _kl_rows(ls, lm) + 0.5 * _kl_rows(lt, lm)
 
 # %% ../nbs/06_losses.ipynb #8b7d34f8
-def _divergence_fn(kind:str, tau:float, beta:float|None):
-    "Per-row divergence fn(student_rows, teacher_rows, topk_indices_or_None)."
+def _forward_kl_value_and_grad(tau:float):
+    "Forward KL(p_T‖p_S) per row of full-vocabulary rows at τ, and its gradient wrt the student rows, (p_S·Σp_T − p_T)/τ."
+    def value_and_grad(x, t, idx, weights=None):
+        ls = F.log_softmax(x / tau, -1)
+        lt = F.log_softmax(t.to(x.dtype) / tau, -1).clamp_min(_NEG)
+        pt = lt.exp()
+        loss = (pt * (lt - ls)).sum(-1)
+        # Σp_T is 1 up to rounding; keeping it makes this the gradient autograd computes through log_softmax
+        return loss, ls.exp_().mul_(pt.sum(-1, keepdim=True)).sub_(pt).div_(tau)
+    return value_and_grad
+
+def _divergence_fn(kind:str, tau:float, beta:float|None, full_vocab:bool=False):
+    "Per-row divergence fn(student_rows, teacher_rows, topk_indices_or_None); with its closed-form gradient where it has one."
+    fn = _divergence_rows(kind, tau, beta)
+    return ClosedFormLoss(fn, _forward_kl_value_and_grad(tau)) if kind == 'forward_kl' and full_vocab else fn
+
+def _divergence_rows(kind, tau, beta):
     def fn(x, t, idx):
         ls = F.log_softmax(x / tau, -1)
         if idx is not None and t.shape[-1] == idx.shape[-1] + 1:   # top-k plus the tail bucket: exact over k + 1 buckets
@@ -265,7 +292,8 @@ def distill_loss(s_logits:torch.Tensor, # student logits [..., V]
     if kind == 'cakld':
         if beta is None: beta = teacher_confidence(t_logits, labels, mask, chunk_size) if bool(valid.any()) else 0.0
         if not 0.0 <= beta <= 1.0: raise ValueError(f"CAKLD beta must be in [0, 1], got {beta}")
-    per_tok = row_losses(_divergence_fn(kind, tau, beta), s, (tv, idx), valid, chunk_size, inplace_backward=inplace_backward) * tau**2
+    div = _divergence_fn(kind, tau, beta, full_vocab=idx is None)
+    per_tok = row_losses(div, s, (tv, idx), valid, chunk_size, inplace_backward=inplace_backward) * tau**2
     if reduction == 'none': return per_tok.reshape(s_logits.shape[:-1])
     if reduction == 'sum': return per_tok.sum()
     return per_tok.sum() / valid.sum().clamp_min(1)
@@ -286,6 +314,14 @@ def shift_targets(labels:torch.Tensor, # [B, T] token ids, -100 = ignore
     return torch.where(valid, tgt, torch.full_like(tgt, -100)), valid
 
 # %% ../nbs/06_losses.ipynb #f58d3e8d
+def _ce_value_and_grad(x, y, weights=None):
+    "Cross-entropy per row and its gradient wrt the rows, softmax(x) − onehot(y)."
+    lp = F.log_softmax(x, -1)
+    loss = -lp.gather(-1, y[:, None]).squeeze(-1)
+    return loss, lp.exp_().scatter_add_(-1, y[:, None], torch.full_like(loss[:, None], -1.0))
+
+cross_entropy_rows = ClosedFormLoss(lambda x, y: F.cross_entropy(x, y, reduction='none'), _ce_value_and_grad)
+
 def causal_lm_loss(logits:torch.Tensor, # [B, T, V] student logits
                    labels:torch.Tensor, # [B, T] token ids (usually the input ids), -100 = ignore
                    mask:torch.Tensor|None=None, # [B, T] attention mask
@@ -296,8 +332,7 @@ def causal_lm_loss(logits:torch.Tensor, # [B, T, V] student logits
     if logits.dim() != 3 or logits.shape[:2] != labels.shape:
         raise ValueError(f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}")
     tgt, valid = shift_targets(labels, mask)
-    ce = lambda x, y: F.cross_entropy(x, y, reduction='none')
-    per_tok = row_losses(ce, logits.reshape(-1, logits.shape[-1]), (tgt.clamp_min(0).reshape(-1),), valid, chunk_size, inplace_backward=inplace_backward)
+    per_tok = row_losses(cross_entropy_rows, logits.reshape(-1, logits.shape[-1]), (tgt.clamp_min(0).reshape(-1),), valid, chunk_size, inplace_backward=inplace_backward)
     return per_tok.sum() / valid.sum().clamp_min(1)
 
 # %% ../nbs/06_losses.ipynb #5a9cd83c
@@ -634,22 +669,33 @@ def _features(self:JointLoss, s_feats, t_feats, mask, like):
     return torch.stack(losses).mean()
 
 # %% ../nbs/06_losses.ipynb #0a391484
+def _task_and_distill(div, tau2):
+    "Row losses [cross-entropy, τ²·divergence]; in closed form (value and weighted gradient) when the divergence has one."
+    both = lambda x, y, t, i: torch.stack([cross_entropy_rows(x, y), tau2 * div(x, t, i)], -1)
+    if not isinstance(div, ClosedFormLoss): return both
+    def value_and_grad(x, y, t, i, weights):
+        ld, g = div.value_and_grad(x, t, i)
+        g.mul_(tau2 * weights[1])
+        if bool(weights[0] == 0): lc = -F.log_softmax(x, -1).gather(-1, y[:, None]).squeeze(-1)   # teacher-only: task measured, not trained
+        else: lc, gc = _ce_value_and_grad(x, y); g.add_(gc.mul_(weights[0]))
+        return torch.stack([lc, tau2 * ld], -1), g
+    return ClosedFormLoss(both, value_and_grad)
+
 @patch
 def _logit_terms(self:JointLoss, lam, s_logits, labels, t_logits, mask):
     "(w·task + λ·distill as one differentiable term, task, distill) from one chunked pass over the logits."
     tgt, valid = shift_targets(labels, mask)
     n = valid.sum().clamp_min(1)
-    ce = lambda x, y: F.cross_entropy(x, y, reduction='none')
     if t_logits is None:
         if self.task_weight == 0: raise ValueError("a teacher-only loss (task_weight=0) needs teacher logits")
-        task = row_losses(ce, s_logits.reshape(-1, s_logits.shape[-1]), (tgt.clamp_min(0).reshape(-1),), valid, self.chunk_size,
+        task = row_losses(cross_entropy_rows, s_logits.reshape(-1, s_logits.shape[-1]), (tgt.clamp_min(0).reshape(-1),), valid, self.chunk_size,
                           inplace_backward=self.inplace_backward).sum() / n
         return task, task, task.new_zeros(())
     s_rows, tv, idx, _, y = _flatten_inputs(s_logits, t_logits, valid, tgt)
     beta = self.beta
     if self.distill_kind == 'cakld' and beta is None: beta = teacher_confidence(t_logits, tgt, valid) if bool(valid.any()) else 0.0
-    div, tau2 = _divergence_fn(self.distill_kind, self.tau, beta), self.tau ** 2
-    both = lambda x, y, t, i: torch.stack([ce(x, y), tau2 * div(x, t, i)], -1)
+    div, tau2 = _divergence_fn(self.distill_kind, self.tau, beta, full_vocab=idx is None), self.tau ** 2
+    both = _task_and_distill(div, tau2)
     comb, parts = row_losses(both, s_rows, (y, tv, idx), valid.reshape(-1), self.chunk_size, weights=[self.task_weight, lam],
                              inplace_backward=self.inplace_backward)
     return comb.sum() / n, parts[:, 0].sum() / n, parts[:, 1].sum() / n

@@ -146,12 +146,19 @@ NF4_CODEBOOK = torch.tensor([
     0.7229568362236023, 1.0])
 FP4_E2M1_CODEBOOK = torch.tensor([0., .5, 1., 1.5, 2., 3., 4., 6., -0., -.5, -1., -1.5, -2., -3., -4., -6.])
 _NF4_MIDS = ((NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2).tolist()
+_NF4_VALUES = NF4_CODEBOOK.tolist()
 
 def _nf4_index(v:torch.Tensor) -> torch.Tensor:
     "Index of the nearest NF4 code (ties to the lower code): the number of midpoints strictly below `v`."
     idx = torch.zeros_like(v, dtype=torch.int64)
     for m in _NF4_MIDS: idx = idx + (v > m)
     return idx
+
+def _nf4_round(v:torch.Tensor) -> torch.Tensor:
+    "The nearest NF4 code's value, `NF4_CODEBOOK[_nf4_index(v)]`, as selects only (no int64 count, no gather)."
+    r = torch.full_like(v, _NF4_VALUES[0])
+    for m, code in zip(_NF4_MIDS, _NF4_VALUES[1:]): r = torch.where(v > m, code, r)   # the last midpoint below wins
+    return r
 
 # %% ../nbs/00_quantizers.ipynb #3a8bfe3f
 def _e2m1_round(v:torch.Tensor) -> torch.Tensor:
@@ -182,6 +189,7 @@ class _NF4Format:
         return QParams(torch.where(amax == 0, torch.ones_like(amax), amax))
     def encode(self, xg, spec, qp): return _nf4_index(xg / qp.scale)
     def decode(self, q, spec, qp): return NF4_CODEBOOK.to(qp.scale.device)[q.long()] * qp.scale
+    def fake(self, xg, spec, qp): return _nf4_round(xg / qp.scale) * qp.scale
     def bounds(self, spec, qp): return -qp.scale, qp.scale
     def step(self, xg, spec, qp):
         book = NF4_CODEBOOK.to(xg.device)
