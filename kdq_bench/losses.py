@@ -676,7 +676,7 @@ def _task_and_distill(div, tau2):
     def value_and_grad(x, y, t, i, weights):
         ld, g = div.value_and_grad(x, t, i)
         g.mul_(tau2 * weights[1])
-        if bool(weights[0] == 0): lc = -F.log_softmax(x, -1).gather(-1, y[:, None]).squeeze(-1)   # teacher-only: task measured, not trained
+        if bool(weights[0] == 0): lc = cross_entropy_rows(x, y)   # teacher-only: the task is measured, not trained
         else: lc, gc = _ce_value_and_grad(x, y); g.add_(gc.mul_(weights[0]))
         return torch.stack([lc, tau2 * ld], -1), g
     return ClosedFormLoss(both, value_and_grad)
