@@ -23,7 +23,7 @@ import torch
 
 from kdq_bench.benchmarks import task_shape
 from kdq_bench.downstream import default_tasks, evaluate_tasks, paired_difference
-from kdq_bench.export import load_quantized
+from kdq_bench.export import load_quantized, dequantize_linears
 from kdq_bench.files import atomic_write_json, atomic_write_text, claim_folder, record
 from kdq_bench.models import load_teacher
 
@@ -102,7 +102,7 @@ def main(argv=None):
         key = row_label(r)
         if key in results: continue
         print(f"scoring {key} on {n}", flush=True)
-        model = teacher.model if r['method'] == 'teacher' else load_quantized(a.study / r['artifact'], backend='dequant')
+        model = teacher.model if r['method'] == 'teacher' else dequantize_linears(load_quantized(a.study / r['artifact'], backend='dequant'))
         results[key] = score(model, teacher.tokenizer, tasks, n, shape)
         atomic_write_json(res_f, dict(settings=settings, rows=results)); record(out, res_f)
     table = markdown(results, rows, a.versus)

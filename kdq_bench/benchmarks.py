@@ -20,7 +20,7 @@ from safetensors.torch import save_model, load_model
 from .quantizers import QuantSpec, quantize, quantize_model, set_quantizer_mode, fake_quant
 from .files import (claim_folder, check_folder, remove_owned, record, atomic_dir, atomic_write_json, atomic_write_text,
                              write_manifest, verify_manifest, MARKER)
-from .export import pack_qtensor, save_quantized, load_quantized, round_dense, input_embedding
+from .export import pack_qtensor, save_quantized, load_quantized, round_dense, input_embedding, dequantize_linears
 from .data import tokenize_split, calibration_set, cache_dir, CORPORA, load_documents, check_corpus
 from .models import Teacher, load_teacher, make_student, freeze, smollm2_gguf_path, KNOWN_TEACHERS, check_teacher
 from .evaluate import perplexity, fidelity, teacher_logits, window_plan, model_size_bytes, latency
@@ -414,7 +414,7 @@ def artifact_metrics(path:Path, # a folder written by `save_quantized`
                      ev:EvalSet, teacher:torch.nn.Module, cfg:StudyConfig, device,
                     ) -> dict:
     "Scores, size and decode time (and its ratio to the FP teacher's) of a packed artifact, loaded back from disk."
-    exact = load_quantized(path, backend='dequant').to(device)
+    exact = dequantize_linears(load_quantized(path, backend='dequant')).to(device)   # bit-exact, dequantized once
     m = evaluate_row(exact, ev, teacher)
     del exact
     fast = load_quantized(path, compute_dtype=torch.bfloat16 if torch.device(device).type == 'cpu' else None).to(device)

@@ -23,7 +23,7 @@ __all__ = ['PACKED_KEYS', 'PACKED_KINDS', 'INT4_KERNEL_GROUPS', 'HAS_INT4_KERNEL
            'e8m0_decode', 'scale_shape', 'pack_qtensor', 'unpack_qtensor', 'tensors_nbytes', 'int4pack_group',
            'int8pack_ok', 'to_int4pack', 'choose_backend', 'PackedLinear', 'export_linear', 'dense_dtype_of',
            'round_dense', 'weight_format', 'input_embedding', 'save_quantized', 'read_quant_config', 'load_quantized',
-           'size_report', 'packed_matmul_speed']
+           'dequantize_linears', 'size_report', 'packed_matmul_speed']
 
 # %% ../nbs/01_export.ipynb #f263044a
 def packed_nbytes(n:int, # number of codes
@@ -610,6 +610,19 @@ def load_quantized(path, # directory written by `save_quantized`
     if res.unexpected_keys: raise ValueError(f"{WEIGHTS_NAME} holds tensors the skeleton lacks: {res.unexpected_keys[:5]}")
     if missing: raise ValueError(f"the skeleton has tensors {WEIGHTS_NAME} lacks: {missing[:5]}")
     return model.eval()
+
+# %% ../nbs/01_export.ipynb #151b87d6
+def dequantize_linears(model:nn.Module, # a model from `load_quantized(..., backend='dequant')` (changed in place)
+                      ) -> nn.Module:
+    "Every 'dequant'-backend `PackedLinear` without activation quantization becomes an `nn.Linear` holding its dequantized weight."
+    for name, mod in list(model.named_modules()):
+        if not (isinstance(mod, PackedLinear) and mod.backend == 'dequant' and mod.a_spec is None and mod.compute_dtype is None): continue
+        w = mod.dequantized_weight()
+        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device='meta')
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        if mod.bias is not None: lin.bias = nn.Parameter(mod.bias.to(w.dtype), requires_grad=False)
+        model.set_submodule(name, lin)
+    return model
 
 # %% ../nbs/01_export.ipynb #9daeccea
 def size_report(weights:dict, # name -> float weight [out, in]

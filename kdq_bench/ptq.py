@@ -375,15 +375,32 @@ def _awq_scales(x_mean, ratio):
     s = x_mean.pow(ratio).clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
 
+# %% ../nbs/07_ptq.ipynb #206ef8c3
+def _gram(feats:list) -> torch.Tensor:
+    "XᵀX over every token of the feature chunks [.., in] (float32 products summed in float64 across chunks)."
+    return sum(f.reshape(-1, f.shape[-1]).float().T.matmul(f.reshape(-1, f.shape[-1]).float()).double() for f in feats).float()
+
+# %% ../nbs/07_ptq.ipynb #e9fcfffc
+def _gram_error(dW:torch.Tensor, # weight change [out, in]
+                gram:torch.Tensor, # XᵀX [in, in]
+               ) -> float:
+    "Σ over the tokens of ‖ΔW x‖² = tr(ΔW G ΔWᵀ)."
+    dW = dW.float()
+    return (dW.matmul(gram) * dW).double().sum().item()
+
 # %% ../nbs/07_ptq.ipynb #f03fcc07
 @torch.no_grad()
-def _awq_search(block, linears, feats, kws, spec, n_grid, gqa=None):
+def _awq_search(block, # callable (x, kwargs) -> output, or the one linear of `linears` itself (o, down)
+                linears, feats, kws, spec, n_grid, gqa=None):
     "Grid search of α in s = mean|x|^α minimising the block's output error with `linears` quantized; returns (s, α, errors)."
     x_mean = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).abs().float().mean(0)
     if gqa is not None: x_mean = x_mean.view(gqa[0], gqa[1], -1).mean(1).reshape(-1)   # one scale per KV channel
-    org = [block(f, kw) for f, kw in zip(feats, kws)]
+    lone = isinstance(block, nn.Linear)                  # a lone linear: its error is a quadratic form in ΔW
+    run = (lambda f, kw: block(f)) if lone else block
+    org = [run(f, kw) for f, kw in zip(feats, kws)]
     norm = sum(o.double().pow(2).sum() for o in org).item() or 1.0
     saved = [l.weight.detach().clone() for l in linears]
+    gram = _gram(feats) if lone else None
     best, errs = None, []
     try:
         for r in range(n_grid):
@@ -391,7 +408,8 @@ def _awq_search(block, linears, feats, kws, spec, n_grid, gqa=None):
             s = _awq_scales(x_mean, ratio)
             s_in = s if gqa is None else _expand_kv(s, *gqa)
             for l, w in zip(linears, saved): l.weight.copy_(fake_quant(w * s_in, spec) / s_in)
-            err = sum((block(f, kw) - o).double().pow(2).sum() for f, kw, o in zip(feats, kws, org)).item() / norm
+            err = (_gram_error(block.weight - saved[0], gram) if lone else
+                   sum((run(f, kw) - o).double().pow(2).sum() for f, kw, o in zip(feats, kws, org)).item()) / norm
             errs.append(err)
             if best is None or err < best[0]: best = (err, ratio, s)
     finally:
@@ -456,9 +474,9 @@ def awq(model:nn.Module, # full-precision Llama-style causal LM (changed in plac
             n_kv, rep = _kv_repeat(layer)
             plan = [('qkv', layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj], 'self_attn.q_proj',
                      lambda x, kw: _out(a(hidden_states=x, **kw)), None)]
-            if scale_v_o: plan.append(('v->o', a.v_proj, [a.o_proj], 'self_attn.o_proj', lambda x, kw: a.o_proj(x), (n_kv, rep)))
+            if scale_v_o: plan.append(('v->o', a.v_proj, [a.o_proj], 'self_attn.o_proj', a.o_proj, (n_kv, rep)))
             plan += [('gate,up', layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], 'mlp.gate_proj', lambda x, kw: mlp(x), None),
-                     ('up->down', mlp.up_proj, [mlp.down_proj], 'mlp.down_proj', lambda x, kw: mlp.down_proj(x), None)]
+                     ('up->down', mlp.up_proj, [mlp.down_proj], 'mlp.down_proj', mlp.down_proj, None)]
             found = []
             for group, prev, lins, feat, block, gqa in plan:      # all searches on the unscaled layer, as in the reference
                 s, alpha, errs = _awq_search(block, lins, feats[feat], kws, spec, n_grid, gqa)

@@ -8,7 +8,7 @@ from kdq_bench.quantizers import (QuantSpec, FrozenQuantizer, fake_quant, quanti
                                   fake_quant_layers, quantize_model)
 from kdq_bench.models import decoder_layers
 from kdq_bench.ptq import (rtn, gptq, gptq_quantize_weight, output_error, awq, smoothquant, smooth_scales,
-                           fold_scales, ptq, layer_errors, layer_inputs, _clip_search, PTQ_METHODS)
+                           fold_scales, ptq, layer_errors, layer_inputs, _clip_search, _awq_search, PTQ_METHODS)
 
 torch.set_num_threads(1)
 
@@ -301,6 +301,20 @@ def test_clip_search_picks_best_ratio_per_group():
             errs = [err(1 - i / 10) for i in range(5)]
             assert ratio[o, g].item() == pytest.approx(1 - errs.index(min(errs)) / 10)
             assert torch.equal(Wc[o, sl], W[o, sl].clamp(-W[o, sl].abs().max() * ratio[o, g], W[o, sl].abs().max() * ratio[o, g]))
+
+
+@pytest.mark.parametrize('fmt', ['int4-g32', 'int3-g32-asym', 'nf4'])
+def test_awq_lone_linear_search_equals_direct_output_error(fmt):
+    "For o/down the search takes its errors from the inputs' Gram matrix: the same errors (and α) as running the linear on every token."
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 48, bias=True).requires_grad_(False)
+    feats = [torch.randn(3, 20, 96) * (torch.rand(96) * 4 + 0.1), torch.randn(2, 20, 96) * (torch.rand(96) * 4 + 0.1)]
+    kws = [{}, {}]
+    spec = QuantSpec.parse(fmt)
+    s_gram, a_gram, e_gram = _awq_search(lin, [lin], feats, kws, spec, 10)
+    s_dir, a_dir, e_dir = _awq_search(lambda x, kw: lin(x), [lin], feats, kws, spec, 10)
+    assert e_gram == pytest.approx(e_dir, rel=1e-4) and a_gram == a_dir and torch.equal(s_gram, s_dir)
+    assert len(set(e_dir)) == 10                                     # the grid points differ: the check compares something
 
 
 @pytest.mark.parametrize('fmt', ['int4-g32', 'int3-g32-asym', 'nf4', 'mxfp4'])

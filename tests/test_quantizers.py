@@ -111,6 +111,11 @@ def test_string_grammar_and_errors():
         with pytest.raises(ValueError, match='expected one of'): QuantSpec.parse(bad)
     with pytest.raises(ValueError, match='NaN or Inf'): fake_quant(torch.tensor([[0.1, float('nan')]]), 'int4')
     with pytest.raises(ValueError, match='NaN or Inf'): quantize(torch.tensor([[0.1, float('-inf')]]), 'nvfp4')
+    w = torch.randn(8, 64)
+    for bad in (float('nan'), float('inf'), float('-inf')):   # anywhere in the tensor, in every float dtype the trainer uses
+        for dt in (torch.float32, torch.bfloat16):
+            x = w.clone().to(dt); x[5, 37] = bad
+            with pytest.raises(ValueError, match='NaN or Inf'): LearnedQuantizer.from_weight(w, 'int4-g32')(x)
     with pytest.raises(ValueError, match='clip'): fake_quant(torch.ones(2, 2), 'int4', clip=1.5)
     with pytest.raises(ValueError, match='no nn.Linear'): quantize_model(nn.Sequential(nn.ReLU()), 'int4')
 
