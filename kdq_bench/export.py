@@ -611,7 +611,7 @@ def load_quantized(path, # directory written by `save_quantized`
     if missing: raise ValueError(f"the skeleton has tensors {WEIGHTS_NAME} lacks: {missing[:5]}")
     return model.eval()
 
-# %% ../nbs/01_export.ipynb #151b87d6
+# %% ../nbs/01_export.ipynb #0780479e
 def dequantize_linears(model:nn.Module, # a model from `load_quantized(..., backend='dequant')` (changed in place)
                       ) -> nn.Module:
     "Every 'dequant'-backend `PackedLinear` without activation quantization becomes an `nn.Linear` holding its dequantized weight."

@@ -375,12 +375,12 @@ def _awq_scales(x_mean, ratio):
     s = x_mean.pow(ratio).clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
 
-# %% ../nbs/07_ptq.ipynb #206ef8c3
+# %% ../nbs/07_ptq.ipynb #57d956a7
 def _gram(feats:list) -> torch.Tensor:
     "XᵀX over every token of the feature chunks [.., in] (float32 products summed in float64 across chunks)."
     return sum(f.reshape(-1, f.shape[-1]).float().T.matmul(f.reshape(-1, f.shape[-1]).float()).double() for f in feats).float()
 
-# %% ../nbs/07_ptq.ipynb #e9fcfffc
+# %% ../nbs/07_ptq.ipynb #9c193162
 def _gram_error(dW:torch.Tensor, # weight change [out, in]
                 gram:torch.Tensor, # XᵀX [in, in]
                ) -> float:
