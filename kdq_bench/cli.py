@@ -74,7 +74,8 @@ def add_study_options(p:argparse.ArgumentParser, # the `compare` or `ptq` sub-pa
             continue
         typ = OPTION_TYPES.get(f.name, type(default))
         shown = (','.join(map(str, default)) or 'none') if isinstance(default, list) else default
-        p.add_argument(flag(f.name), type=typ, default=None, metavar=f.name.upper(), help=f"{docs[f.name]} (default: {shown})".replace('%', '%%'))   # argparse formats help with %
+        how = '; a count (3: seeds 0, 1, 2) or a list (1,2)' if typ is _seeds else ''   # `--seeds 1` is one seed, seed 0
+        p.add_argument(flag(f.name), type=typ, default=None, metavar=f.name.upper(), help=f"{docs[f.name]}{how} (default: {shown})".replace('%', '%%'))   # argparse formats help with %
 
 # %% ../nbs/11_cli.ipynb #93308c03
 EMBEDDED_STUDY = dict(weights=['int3-g128', 'int2-g64'], steps=100, batch_size=8, lr=1e-4, scale_lr=1e-3, eval_seq_len=128,
