@@ -148,6 +148,7 @@ def coerce_param(key:str, # the parameter's name
         raise bad()
     if isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
+        if value == 'auto': return value                          # 'auto'-or-number parameters (tau); the notebook checks
         if isinstance(value, str):
             try: return float(value)
             except ValueError: pass

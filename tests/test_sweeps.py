@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kdq_bench.cli import main
-from kdq_bench.sweeps import MARKER, expand_grid, load_sweep, read_status, run_id, trainer_command
+from kdq_bench.sweeps import MARKER, expand_grid, load_sweep, notebook_parameters, read_status, run_id, trainer_command
 from kdq_bench.trainer import list_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
@@ -221,6 +221,21 @@ def test_grid_product_zip_exclusions_seeds():
         with pytest.raises(ValueError, match=re.escape(msg)): expand_grid(bad)
 
 
+def test_shipped_sweep_files_load_and_the_smollm2_ablation_changes_one_ingredient_per_point(tmp_path, monkeypatch):
+    "Every sweep file under nbs/experiments/sweeps passes `load_sweep`'s checks; each ablation point differs from the study's defaults in exactly one ingredient."
+    monkeypatch.chdir(tmp_path)                       # load_sweep writes nothing; its runs/ folder resolves here
+    files = sorted(f for f in (REPO/'nbs'/'experiments'/'sweeps').glob('*.yaml') if 'grid' in yaml.safe_load(f.read_text()))
+    assert {f.name for f in files} >= {'ablation-embedded.yaml', 'ablation-smollm2.yaml', 'quickstart.yaml', 'seeds-hparams.yaml'}
+    sweeps = {f.stem: load_sweep(f) for f in files}
+    defaults = notebook_parameters(REPO/'nbs'/'experiments'/'compare.ipynb')
+    ingredients = ('init', 'trainable', 'blockwise', 'loss')
+    pts = sweeps['ablation-smollm2'].points
+    changed = [[k for k in ingredients if p.params[k] != defaults[k]] for p in pts]
+    assert all(len(c) == 1 for c in changed), changed
+    assert {k for c in changed for k in c} == set(ingredients)    # every ingredient is varied at least once
+    assert all(p.params['seeds'] == [0, 1] and p.params['teacher'] == defaults['teacher'] and p.params.get('steps', defaults['steps']) == defaults['steps'] for p in pts)
+
+
 def test_run_ids_are_stable_hashes_of_the_parameters(tmp_path):
     import hashlib
     p = {'weights': ['int4-g128'], 'tau': 2.0, 'teacher': 'embedded'}
@@ -239,6 +254,7 @@ def test_run_ids_are_stable_hashes_of_the_parameters(tmp_path):
     ('params: {stepz: 3}', "params: unknown parameter 'stepz'"),
     ('params: {out: elsewhere}', "'out' is set by the sweep"),
     ('grid: {product: {tau: [2, 0]}}', 'grid value tau=0: tau: must be a finite number > 0 and <= 100'),
+    ('params: {lr: auto}', "params: lr: must be a finite number > 0, got 'auto'"),       # only tau takes 'auto'
     ('grid: {product: {weights: [int4-g128, int8-token]}}', 'grid value weights=int8-token'),
     ('grid: {product: {methods: [[rtn], [rtn, lsq]]}}', "unknown method(s) ['lsq']"),
     ('params: {eval_tokens: 100}', 'params: eval_tokens: must be an integer >= 2048'),
